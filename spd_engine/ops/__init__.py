@@ -1,0 +1,81 @@
+"""The op API: one signature per op, three backends (torch reference | triton | cuda).
+
+``backend="auto"`` picks the CUDA extension when it is built and the tensors live on a GPU, else Triton on a
+GPU, else the torch reference. Backends are imported lazily so a machine without Triton or the compiled
+extension still runs everything on torch.
+"""
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+
+import torch
+
+from . import reference
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+OPS = ("attention_with_kvcache", "rms_norm", "swiglu_mlp", "aggregate_features")
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+@lru_cache(maxsize=None)
+def _load(backend: str):
+    if backend == "torch":
+        return reference
+    module = {"triton": "spd_engine.ops.triton_backend", "cuda": "spd_engine.ops.cuda_backend"}[backend]
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # missing triton, missing extension, or backend not written yet
+        raise BackendUnavailable(f"backend '{backend}' is not available: {exc}") from exc
+
+
+def available(backend: str) -> bool:
+    try:
+        _load(backend)
+        return True
+    except BackendUnavailable:
+        return False
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """Turn ``auto`` into a concrete backend for tensors on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if device.type == "cuda":
+        for candidate in ("cuda", "triton"):
+            if available(candidate):
+                return candidate
+    return "torch"
+
+
+def _impl(name: str, backend: str, device: torch.device):
+    return getattr(_load(resolve(backend, device)), name)
+
+
+def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=None, rotary_sin=None,
+                           softmax_scale=None, causal=True, backend="auto"):
+    return _impl("attention_with_kvcache", backend, q.device)(
+        q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, softmax_scale, causal)
+
+
+def rms_norm(x, weight, eps, residual=None, backend="auto"):
+    return _impl("rms_norm", backend, x.device)(x, weight, eps, residual)
+
+
+def swiglu_mlp(x, gate_up_weight, down_weight, backend="auto"):
+    return _impl("swiglu_mlp", backend, x.device)(x, gate_up_weight, down_weight)
+
+
+def aggregate_features(anchors, weight_cat, row_slots, row_types, backend="auto"):
+    return _impl("aggregate_features", backend, anchors.device)(anchors, weight_cat, row_slots, row_types)
+
+
+attention_with_kvcache.__doc__ = reference.attention_with_kvcache.__doc__
+rms_norm.__doc__ = reference.rms_norm.__doc__
+swiglu_mlp.__doc__ = reference.swiglu_mlp.__doc__
+aggregate_features.__doc__ = reference.aggregate_features.__doc__

@@ -1,0 +1,93 @@
+"""Plain-PyTorch reference ops: the ground truth in tests and the fallback on any device.
+
+Every function here is free of host synchronisation (no ``.item()``, no data-dependent
+shapes), so the torch backend can also be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rotate_half_at(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF "half" rotary: x is (B, T, H, D); cos/sin are (B, T, D/2) already gathered at positions."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c = cos[:, :, None, :].to(x.dtype)
+    s = sin[:, :, None, :].to(x.dtype)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=None, rotary_sin=None,
+                           softmax_scale=None, causal=True):
+    """flash-attn ``flash_attn_with_kvcache`` semantics (``rotary_interleaved=False``).
+
+    q (B, Tq, Hq, D); caches (B, S_max, Hkv, D); k/v (B, Tq, Hkv, D); cache_seqlens (B,) int32.
+    New k/v are rotated (k only) and written at ``cache_seqlens[b] + [0, Tq)``; the queries attend over
+    ``[0, cache_seqlens[b] + Tq)`` with bottom-right-aligned causality among the new tokens.
+    """
+    B, Tq, Hq, D = q.shape
+    S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
+    positions = cache_seqlens.long()[:, None] + torch.arange(Tq, device=q.device)  # (B, Tq)
+    if rotary_cos is not None:
+        cos, sin = rotary_cos[positions], rotary_sin[positions]
+        q = rotate_half_at(q, cos, sin)
+        k = rotate_half_at(k, cos, sin)
+    batch_index = torch.arange(B, device=q.device)[:, None].expand(B, Tq)
+    k_cache.index_put_((batch_index, positions), k.to(k_cache.dtype))
+    v_cache.index_put_((batch_index, positions), v.to(v_cache.dtype))
+
+    scale = softmax_scale if softmax_scale is not None else D ** -0.5
+    key_pos = torch.arange(S_max, device=q.device)
+    limit = positions if causal else (cache_seqlens.long() + Tq - 1)[:, None].expand(B, Tq)
+    visible = key_pos[None, None, :] <= limit[:, :, None]  # (B, Tq, S_max)
+    group = Hq // Hkv
+    keys = k_cache.repeat_interleave(group, dim=2)  # (B, S, Hq, D)
+    # Stale or never-written cache rows may hold anything (NaN included); zero them so 0 * NaN never leaks.
+    values = torch.where(visible.any(1)[:, :, None, None], v_cache, 0).repeat_interleave(group, dim=2)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.einsum("bthd,bshd->bhts", q.to(acc), keys.to(acc)) * scale
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhts,bshd->bthd", probs, values.to(probs.dtype))
+    return out.to(q.dtype)
+
+
+def rms_norm(x, weight, eps, residual=None):
+    """Fused residual add + RMSNorm, HF numerics: the sum stays in x's dtype, the norm runs in fp32.
+
+    Returns (normed, new_residual) where new_residual = x + residual (or x when residual is None).
+    """
+    if residual is not None:
+        x = x + residual
+    xf = x.float() if x.dtype != torch.float64 else x
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype), x
+
+
+def swiglu_mlp(x, gate_up_weight, down_weight):
+    """down(silu(gate(x)) * up(x)) with gate and up stacked as one (2F, H) weight: one GEMV, not two."""
+    gate, up = F.linear(x, gate_up_weight).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down_weight)
+
+
+def aggregate_features(anchors, weight_cat, row_slots, row_types):
+    """Multi-depth feature aggregation of the draft module (DESIGN.md §1).
+
+    anchors    (S, m, H): anchor hidden-state snapshots per token slot, anchors[s, j] = h_{b_j} of slot s.
+    weight_cat (H, H*m*(m+1)/2): W_0 | W_1 | ... | W_{m-1} side by side; W_i is (H, (i+1)H) and starts at
+               column H*i*(i+1)/2.
+    row_slots  (R,) int: the slot each output row reads.  row_types (R,) int: its aggregation type i.
+    Returns g (R, H) with g[r] = W_{t} . concat(anchors[slot, 0..t]),  t = row_types[r].
+    """
+    S, m, H = anchors.shape
+    R = row_slots.shape[0]
+    x = anchors[row_slots.long()]  # (R, m, H)
+    types = row_types.long()
+    # Zero the anchors a row's type does not read, then one batched matmul per type against its W.
+    out = x.new_zeros(R, H)
+    for t in range(m):
+        w = weight_cat[:, H * t * (t + 1) // 2: H * (t + 1) * (t + 2) // 2]  # (H, (t+1)H)
+        g = x[:, : t + 1].reshape(R, (t + 1) * H) @ w.t()
+        out = torch.where((types == t)[:, None], g, out)
+    return out
