@@ -1,0 +1,195 @@
+"""The reference model: embed | decoder layers [a, b) at cache positions | final norm | LM head.
+
+Pipeline stages, the vanilla decoder and the draft module's tower are all built from ``forward_layers``
+over a contiguous layer range; embedding, final norm and head stay separate so each can live where the
+schedule needs it. Every op goes through :mod:`spd_engine.ops`, so ``backend`` routes the whole forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .config import ModelConfig
+from .errors import UserError
+from .kv_cache import KVCache
+from .weights import load_state_dict
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # (H,)
+    qkv: torch.Tensor  # (Hq*D + 2*Hkv*D, H): q, k and v stacked so one GEMV produces all three
+    qkv_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None  # (D,) Qwen3 only
+    k_norm: torch.Tensor | None
+    o_proj: torch.Tensor  # (H, Hq*D)
+    post_norm: torch.Tensor  # (H,)
+    gate_up: torch.Tensor  # (2F, H): gate then up, one GEMV
+    down: torch.Tensor  # (H, F)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str, cfg: ModelConfig) -> "LayerWeights":
+        def take(name):
+            key = prefix + name
+            if key not in sd:
+                raise UserError(f"checkpoint lacks tensor '{key}'")
+            return sd.pop(key)
+
+        attn, mlp = "self_attn.", "mlp."
+        bias = (torch.cat([take(attn + f"{p}_proj.bias") for p in "qkv"]) if cfg.attention_bias else None)
+        return cls(
+            input_norm=take("input_layernorm.weight"),
+            qkv=torch.cat([take(attn + f"{p}_proj.weight") for p in "qkv"]),
+            qkv_bias=bias,
+            q_norm=take(attn + "q_norm.weight") if cfg.qk_norm else None,
+            k_norm=take(attn + "k_norm.weight") if cfg.qk_norm else None,
+            o_proj=take(attn + "o_proj.weight"),
+            post_norm=take("post_attention_layernorm.weight"),
+            gate_up=torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]),
+            down=take(mlp + "down_proj.weight"),
+        )
+
+    def to(self, device) -> "LayerWeights":
+        return LayerWeights(**{k: None if v is None else v.to(device) for k, v in vars(self).items()})
+
+
+class Model:
+    """Weights plus the forward pieces. Stateless: all sequence state lives in a :class:`KVCache`."""
+
+    def __init__(self, config: ModelConfig, embed: torch.Tensor, layers: Sequence[LayerWeights],
+                 norm: torch.Tensor, lm_head: torch.Tensor, backend: str = "auto"):
+        self.config = config
+        self.embed_weight = embed
+        self.layers = list(layers)
+        self.norm_weight = norm
+        self.lm_head_weight = lm_head
+        self.backend = backend
+        self._rope_cache: dict = {}
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
+                        backend: str = "auto") -> "Model":
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise UserError(f"model directory '{model_dir}' does not exist")
+        cfg = ModelConfig.from_dir(model_dir)
+        sd = load_state_dict(model_dir, dtype)
+        return cls.from_state_dict(cfg, sd, device=device, backend=backend)
+
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, sd: dict[str, torch.Tensor], device="cpu",
+                        backend: str = "auto") -> "Model":
+        sd = dict(sd)
+        if "model.embed_tokens.weight" not in sd:
+            raise UserError("checkpoint lacks 'model.embed_tokens.weight'")
+        embed = sd.pop("model.embed_tokens.weight")
+        layers = [LayerWeights.from_state_dict(sd, f"model.layers.{i}.", cfg).to(device)
+                  for i in range(cfg.num_layers)]
+        head = sd.pop("lm_head.weight", None)
+        if head is None and not cfg.tie_word_embeddings:
+            raise UserError("checkpoint lacks 'lm_head.weight' and the config does not tie embeddings")
+        norm = sd.pop("model.norm.weight", None)
+        if norm is None:
+            raise UserError("checkpoint lacks 'model.norm.weight'")
+        embed = embed.to(device)
+        head = embed if cfg.tie_word_embeddings else head.to(device)  # tied: a stored head copy is ignored, as in HF
+        return cls(cfg, embed, layers, norm.to(device), head, backend=backend)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.embed_weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_weight.dtype
+
+    def new_cache(self, capacity: int, num_layers: int | None = None) -> KVCache:
+        cfg = self.config
+        return KVCache(num_layers or cfg.num_layers, capacity, cfg.num_kv_heads, cfg.head_dim,
+                       self.dtype, self.device)
+
+    def rope_tables(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (capacity, D/2) in float32, built once per capacity (HF computes them in float32 too)."""
+        key = (capacity, self.device)
+        if key not in self._rope_cache:
+            inv_freq = self.config.inverse_frequencies()
+            freqs = torch.outer(torch.arange(capacity, dtype=torch.float32), inv_freq)
+            self._rope_cache[key] = (freqs.cos().to(self.device), freqs.sin().to(self.device))
+        return self._rope_cache[key]
+
+    # ------------------------------------------------------------------ forward pieces
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, H) hidden states."""
+        return F.embedding(token_ids, self.embed_weight)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(hidden, self.norm_weight, self.config.rms_norm_eps, backend=self.backend)[0]
+
+    def lm_head(self, normed: torch.Tensor) -> torch.Tensor:
+        return F.linear(normed, self.lm_head_weight)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.final_norm(hidden))
+
+    def attention_block(self, layer: LayerWeights, x: torch.Tensor, attend) -> torch.Tensor:
+        """qkv projection (+ Qwen biases / q-k norms), ``attend(q, k, v) -> (B, T, Hq, D)``, output projection.
+
+        ``attend`` owns rotary and the cache: the cached decoder passes ``attention_with_kvcache``; the draft
+        module's training passes a masked full-sequence attention.
+        """
+        cfg = self.config
+        B, T, _ = x.shape
+        qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q.view(B, T, cfg.num_heads, cfg.head_dim)
+        k = k.view(B, T, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = ops.rms_norm(q, layer.q_norm, cfg.rms_norm_eps, backend=self.backend)[0]
+            k = ops.rms_norm(k, layer.k_norm, cfg.rms_norm_eps, backend=self.backend)[0]
+        out = attend(q, k, v)
+        return F.linear(out.reshape(B, T, cfg.q_size), layer.o_proj)
+
+    def decoder_layer(self, layer: LayerWeights, hidden: torch.Tensor, residual: torch.Tensor | None, attend):
+        """One decoder layer in the fused-residual form: returns (branch output, residual stream).
+
+        The layer's true output is ``branch + residual``; deferring that add lets it fuse into the next
+        layer's input RMSNorm.
+        """
+        eps = self.config.rms_norm_eps
+        x, residual = ops.rms_norm(hidden, layer.input_norm, eps, residual, backend=self.backend)
+        hidden = self.attention_block(layer, x, attend)
+        x, residual = ops.rms_norm(hidden, layer.post_norm, eps, residual, backend=self.backend)
+        return ops.swiglu_mlp(x, layer.gate_up, layer.down, backend=self.backend), residual
+
+    def forward_layers(self, hidden: torch.Tensor, start: int, end: int, cache: KVCache,
+                       captures: Sequence[tuple[int, torch.Tensor]] = (), cache_offset: int = 0) -> torch.Tensor:
+        """Run layers ``[start, end)`` on ``hidden`` (B, T, H) at the cache's current positions.
+
+        Each layer's new K/V are written at position ``cache.lengths[layer]`` (a device tensor), and its
+        length then advances by T. ``captures`` holds (layers_done, out) pairs: the hidden state after
+        ``layers_done`` layers is copied into ``out`` (the draft module's anchors). ``cache_offset`` maps a
+        model layer to its cache slot when a cache holds only a slice of the layers (one pipeline rank).
+        """
+        cos, sin = self.rope_tables(cache.capacity)
+        captures = dict(captures)
+        residual = None
+        for index in range(start, end):
+            k_cache, v_cache, lengths = cache.layer(index - cache_offset)
+
+            def attend(q, k, v, k_cache=k_cache, v_cache=v_cache, lengths=lengths):
+                return ops.attention_with_kvcache(q, k_cache, v_cache, k, v, lengths, cos, sin,
+                                                  backend=self.backend)
+
+            hidden, residual = self.decoder_layer(self.layers[index], hidden, residual, attend)
+            if index + 1 in captures:
+                captures[index + 1].copy_(hidden + residual)
+        cache.advance(start - cache_offset, end - cache_offset, hidden.shape[1])
+        return hidden + residual if residual is not None else hidden

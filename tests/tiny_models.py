@@ -1,0 +1,75 @@
+"""Tiny random Hugging Face checkpoints of every supported family, written with transformers' own classes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+VOCAB = 259  # 3 specials + 256 byte tokens
+
+FAMILIES = {
+    "llama": dict(),
+    "llama3": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "qwen2": dict(),
+    "qwen3": dict(head_dim=16),
+}
+
+
+def write_byte_tokenizer(model_dir: Path) -> None:
+    """A byte-level BPE with no merges: every UTF-8 byte is a token, plus ChatML specials (ids 0, 1, 2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": CHATML, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": False}))
+
+
+def make_tiny_model(model_dir: Path, family: str = "llama", dtype: torch.dtype = torch.float32,
+                    tied: bool = True, layers: int = 4, seed: int = 0) -> Path:
+    import transformers
+
+    extra = dict(FAMILIES[family])
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  rms_norm_eps=1e-5, tie_word_embeddings=tied, eos_token_id=2, bos_token_id=1)
+    if family.startswith("llama"):
+        rope = extra.pop("rope_scaling", None)
+        config = transformers.LlamaConfig(**common, rope_theta=10000.0, **extra)
+        if rope:
+            config.rope_scaling = rope
+            if hasattr(config, "rope_parameters"):
+                config.rope_parameters = dict(rope, rope_theta=10000.0)
+        cls = transformers.LlamaForCausalLM
+    elif family == "qwen2":
+        config = transformers.Qwen2Config(**common, rope_theta=10000.0)
+        cls = transformers.Qwen2ForCausalLM
+    else:
+        config = transformers.Qwen3Config(**common, rope_theta=10000.0, **extra)
+        cls = transformers.Qwen3ForCausalLM
+    torch.manual_seed(seed)
+    model = cls(config)
+    with torch.no_grad():  # HF's 0.02 init gives near-uniform logits; widen so argmax is decisive
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.15)
+        if family == "qwen2":
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.1)
+    model.to(dtype).save_pretrained(model_dir, safe_serialization=True)
+    write_byte_tokenizer(Path(model_dir))
+    return Path(model_dir)
