@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -48,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("outdir")
     conv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
     conv.set_defaults(func=cmd_convert)
+
+    # Subcommands owned by their modules: each defines add_arguments(parser) and run(args) -> exit code.
+    for name, module, text in (("train-pdm", "train", "train a draft module (PDM) by distillation"),
+                               ("eval", "evaluate", "acceptance and losslessness over a prompt set"),
+                               ("simulate", "simulate", "predict multi-device SPD speed from measurements")):
+        owner = importlib.import_module(f"spd_engine.{module}")
+        command = sub.add_parser(name, help=text)
+        owner.add_arguments(command)
+        command.set_defaults(func=owner.run)
 
     info = sub.add_parser("info", help="print a model summary")
     _add_model_args(info)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -170,16 +170,19 @@ class Model:
         return ops.swiglu_mlp(x, layer.gate_up, layer.down, backend=self.backend), residual
 
     def forward_layers(self, hidden: torch.Tensor, start: int, end: int, cache: KVCache,
-                       captures: Sequence[tuple[int, torch.Tensor]] = (), cache_offset: int = 0) -> torch.Tensor:
+                       captures: Mapping[int, Callable[[torch.Tensor], None]] | None = None, cache_offset: int = 0,
+                       advance=None) -> torch.Tensor:
         """Run layers ``[start, end)`` on ``hidden`` (B, T, H) at the cache's current positions.
 
         Each layer's new K/V are written at position ``cache.lengths[layer]`` (a device tensor), and its
-        length then advances by T. ``captures`` holds (layers_done, out) pairs: the hidden state after
-        ``layers_done`` layers is copied into ``out`` (the draft module's anchors). ``cache_offset`` maps a
+        length then advances by T. ``captures`` maps layers_done -> a function that stores the hidden state
+        after that many layers (the draft module's anchors). ``cache_offset`` maps a
         model layer to its cache slot when a cache holds only a slice of the layers (one pipeline rank).
+        ``advance`` overrides how far the lengths move (an int or a device tensor): the pipeline passes 0 for
+        an idle stage, so its writes land past the live length and are never read.
         """
         cos, sin = self.rope_tables(cache.capacity)
-        captures = dict(captures)
+        captures = captures or {}
         residual = None
         for index in range(start, end):
             k_cache, v_cache, lengths = cache.layer(index - cache_offset)
@@ -190,6 +193,6 @@ class Model:
 
             hidden, residual = self.decoder_layer(self.layers[index], hidden, residual, attend)
             if index + 1 in captures:
-                captures[index + 1].copy_(hidden + residual)
-        cache.advance(start - cache_offset, end - cache_offset, hidden.shape[1])
+                captures[index + 1](hidden + residual)
+        cache.advance(start - cache_offset, end - cache_offset, hidden.shape[1] if advance is None else advance)
         return hidden + residual if residual is not None else hidden
