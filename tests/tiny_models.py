@@ -39,7 +39,7 @@ def write_byte_tokenizer(model_dir: Path) -> None:
 
 
 def make_tiny_model(model_dir: Path, family: str = "llama", dtype: torch.dtype = torch.float32,
-                    tied: bool = True, layers: int = 4, seed: int = 0) -> Path:
+                    tied: bool = True, layers: int = 4, seed: int = 0, max_shard_size: str = "5GB") -> Path:
     import transformers
 
     extra = dict(FAMILIES[family])
@@ -49,10 +49,10 @@ def make_tiny_model(model_dir: Path, family: str = "llama", dtype: torch.dtype =
     if family.startswith("llama"):
         rope = extra.pop("rope_scaling", None)
         config = transformers.LlamaConfig(**common, rope_theta=10000.0, **extra)
-        if rope:
+        if rope and hasattr(config, "rope_parameters"):  # transformers >= 5
+            config.rope_parameters = dict(rope, rope_theta=10000.0)
+        elif rope:
             config.rope_scaling = rope
-            if hasattr(config, "rope_parameters"):
-                config.rope_parameters = dict(rope, rope_theta=10000.0)
         cls = transformers.LlamaForCausalLM
     elif family == "qwen2":
         config = transformers.Qwen2Config(**common, rope_theta=10000.0)
@@ -70,6 +70,6 @@ def make_tiny_model(model_dir: Path, family: str = "llama", dtype: torch.dtype =
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.1)
-    model.to(dtype).save_pretrained(model_dir, safe_serialization=True)
+    model.to(dtype).save_pretrained(model_dir, safe_serialization=True, max_shard_size=max_shard_size)
     write_byte_tokenizer(Path(model_dir))
     return Path(model_dir)

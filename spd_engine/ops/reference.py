@@ -42,14 +42,15 @@ def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=
     limit = positions if causal else (cache_seqlens.long() + Tq - 1)[:, None].expand(B, Tq)
     visible = key_pos[None, None, :] <= limit[:, :, None]  # (B, Tq, S_max)
     group = Hq // Hkv
-    keys = k_cache.repeat_interleave(group, dim=2)  # (B, S, Hq, D)
-    # Stale or never-written cache rows may hold anything (NaN included); zero them so 0 * NaN never leaks.
-    values = torch.where(visible.any(1)[:, :, None, None], v_cache, 0).repeat_interleave(group, dim=2)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = torch.einsum("bthd,bshd->bhts", q.to(acc), keys.to(acc)) * scale
-    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    # GQA without copying the cache: query heads are grouped as (Hkv, group) against each shared KV head.
+    q_grouped = q.reshape(B, Tq, Hkv, group, D).to(acc)
+    scores = torch.einsum("btkgd,bskd->bkgts", q_grouped, k_cache.to(acc)) * scale
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bhts,bshd->bthd", probs, values.to(probs.dtype))
+    # Stale or never-written cache rows may hold anything (NaN included); zero them so 0 * NaN never leaks.
+    values = v_cache.masked_fill(~visible.any(1)[:, :, None, None], 0).to(acc)
+    out = torch.einsum("bkgts,bskd->btkgd", probs, values).reshape(B, Tq, Hq, D)
     return out.to(q.dtype)
 
 
