@@ -89,7 +89,8 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     Every tensor is dequantised (F32, F16, BF16, Q8_0, Q4_0, Q4_1 and whatever else ``gguf.quants``
     supports) and stored in ``dtype``. The directory is built next to ``out_dir`` and renamed into
     place at the end, so an interrupted conversion never leaves a half-written model behind.
-    ``out_dir`` must not exist yet, or be empty.
+    ``out_dir`` must not exist yet, or be empty. A file this cannot convert (another architecture,
+    tokenizer or rope scaling) is refused with a one-line UserError, which is a ValueError.
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -429,7 +430,9 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def _publish(staging: Path, out_dir: Path) -> None:
-    """Make the finished staging directory appear at ``out_dir`` in one step, durable on disk."""
+    """Make the finished staging directory appear at ``out_dir`` in one step.
+
+    File contents are flushed first, so a crash just after the rename cannot expose empty files."""
     for file in staging.iterdir():
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
