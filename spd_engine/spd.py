@@ -28,6 +28,11 @@ from .sampling import SamplingParams, next_token, target_probs
 from .stages import partition_layers
 
 
+def stage_anchor_layers(anchors: list[int], stage_bounds) -> list[list[tuple[int, int]]]:
+    """Per stage, the anchors it produces as (anchor index j, layers done b_j): those with a < b_j <= b."""
+    return [[(j, b) for j, b in enumerate(anchors) if a < b <= e] for a, e in stage_bounds]
+
+
 class SPDState:
     def __init__(self, target: Model, pdm: PDM, capacity: int, params: SamplingParams):
         cfg, dev = target.config, target.device
@@ -37,7 +42,7 @@ class SPDState:
         self.slots = n + 1
         m, H = len(pdm.config.anchors), cfg.hidden_size
         self.capacity = capacity
-        self.cache = target.new_cache(capacity)
+        self.cache = self.new_target_cache(capacity)
         self.pdm_cache = pdm.tower.new_cache(capacity)
         self.anchors = torch.zeros(self.slots, m, H, dtype=target.dtype, device=dev)
         self.ring_tokens = torch.zeros(self.slots, dtype=torch.long, device=dev)
@@ -55,8 +60,11 @@ class SPDState:
         self.depth_types = torch.tensor(pdm.depth_types, dtype=torch.long, device=dev)
         self.deepest_type = len(pdm.config.anchors) - 1
         self.row_offsets = torch.arange(self.slots, device=dev)
-        self.stage_anchors = [[(j, b) for j, b in enumerate(pdm.config.anchors) if a < b <= e]
-                              for a, e in self.stage_bounds]
+        self.stage_anchors = stage_anchor_layers(pdm.config.anchors, self.stage_bounds)
+
+    def new_target_cache(self, capacity: int):
+        """The KV cache of the target layers this state runs itself: all of them in a single process."""
+        return self.target.new_cache(capacity)
 
     # ------------------------------------------------------------------ prefill and start
     def prefill(self, prompt_ids: list[int]) -> torch.Tensor:
@@ -69,12 +77,20 @@ class SPDState:
         anchors = torch.zeros(P, *self.anchors.shape[1:], dtype=target.dtype, device=target.device)
         embedded = target.embed(ids)
         anchors[:, 0] = embedded[0]
-        captures = {b: (lambda h, j=j: anchors[:, j].copy_(h[0])) for j, b in enumerate(pdm.config.anchors) if b > 0}
-        hidden = target.forward_layers(embedded, 0, target.config.num_layers, self.cache, captures=captures)
+        last_hidden = self.prefill_layers(embedded, anchors)
         rows = torch.arange(P, device=target.device)
         features = pdm.aggregate(anchors, rows, torch.full_like(rows, self.deepest_type))
         pdm.tower.forward_layers(features[None], 0, pdm.config.tower_layers, self.pdm_cache)
-        return target.logits(hidden[:, -1])
+        return target.logits(last_hidden)
+
+    def prefill_layers(self, embedded: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+        """Every target layer on the embedded prompt (1, P, H), filling ``anchors`` (P, m, H) at the anchor
+        layers. Returns the last position's final hidden state (1, H)."""
+        captures = {b: (lambda h, j=j: anchors[:, j].copy_(h[0])) for j, b in enumerate(self.pdm.config.anchors)
+                    if b > 0}
+        hidden = self.target.forward_layers(embedded, 0, self.target.config.num_layers, self.cache,
+                                            captures=captures)
+        return hidden[:, -1]
 
     def start(self, first_token: torch.Tensor, prompt_len: int) -> None:
         """The first generated token (from prefill) enters the pipeline alone at depth 0."""
@@ -165,8 +181,7 @@ class SPDState:
         self.rejected += do_reject
         # Flush on reject: every layer and the PDM cut back to the committed length (O(1), lengths only).
         cut = torch.where(do_reject, candidate_pos, torch.full_like(candidate_pos, self.capacity)).to(torch.int32)
-        self.cache.rollback(cut)
-        self.pdm_cache.rollback(cut)
+        self.rollback(cut)
         # Advance: on reject the corrected token restarts alone at depth 0; otherwise the draft enters.
         self.stage_in[1:].copy_(self.stage_out[:-1])
         self.newest.copy_(torch.where(do_reject, candidate_pos, self.newest + 1))
@@ -175,13 +190,26 @@ class SPDState:
             self.draft_q.index_copy_(0, self.newest % self.slots, q[None])
         self._enter(torch.where(do_reject, target_token, draft))
 
+    def rollback(self, cut: torch.Tensor) -> None:
+        """Cut every target layer and the PDM back to ``cut`` entries (capacity: no cut)."""
+        self.cache.rollback(cut)
+        self.pdm_cache.rollback(cut)
+
 
 def generate_spd(target: Model, pdm: PDM, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
                  eos_ids, on_tokens: TokenCallback | None = None) -> GenerationResult:
-    """Eager SPD driver: prefill, then cycles until EOS or the token limit. Reads results back every cycle."""
-    eos_ids = set(eos_ids)
+    """Eager SPD in one process: every stage runs here, one after another."""
     n = len(pdm.config.stage_bounds)
     state = SPDState(target, pdm, cache_capacity(len(prompt_ids), max_new_tokens, extra=n + 2), params)
+    return run_spd(state, prompt_ids, max_new_tokens, eos_ids, on_tokens)
+
+
+def run_spd(state: SPDState, prompt_ids: list[int], max_new_tokens: int, eos_ids,
+            on_tokens: TokenCallback | None = None) -> GenerationResult:
+    """Eager SPD driver over any SPDState (single-process or distributed): prefill, then cycles until EOS or
+    the token limit. Reads results back every cycle."""
+    eos_ids = set(eos_ids)
+    pdm, params, n = state.pdm, state.params, state.n
     start = time.perf_counter()
     tokens: list[int] = []
     trace: list[bool] = []  # one entry per verification: accepted?
