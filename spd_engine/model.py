@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Collection, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -59,10 +59,14 @@ class LayerWeights:
 
 
 class Model:
-    """Weights plus the forward pieces. Stateless: all sequence state lives in a :class:`KVCache`."""
+    """Weights plus the forward pieces. Stateless: all sequence state lives in a :class:`KVCache`.
 
-    def __init__(self, config: ModelConfig, embed: torch.Tensor, layers: Sequence[LayerWeights],
-                 norm: torch.Tensor, lm_head: torch.Tensor, backend: str = "auto"):
+    A pipeline rank may hold only part of the weights: layers it does not run are None, and a stage rank
+    holds no embedding, final norm or head.
+    """
+
+    def __init__(self, config: ModelConfig, embed: torch.Tensor | None, layers: Sequence[LayerWeights | None],
+                 norm: torch.Tensor | None, lm_head: torch.Tensor | None, backend: str = "auto"):
         self.config = config
         self.embed_weight = embed
         self.layers = list(layers)
@@ -74,23 +78,36 @@ class Model:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
-                        backend: str = "auto") -> "Model":
+                        backend: str = "auto", layers: Collection[int] | None = None,
+                        embeddings_and_head: bool = True) -> "Model":
+        """Load a HF directory. ``layers`` (default: all) and ``embeddings_and_head`` choose which weights are
+        read at all, so one pipeline rank holds only its own."""
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise UserError(f"model directory '{model_dir}' does not exist")
         cfg = ModelConfig.from_dir(model_dir)
-        sd = load_state_dict(model_dir, dtype)
-        return cls.from_state_dict(cfg, sd, device=device, backend=backend)
+
+        def wanted(name: str) -> bool:
+            if name.startswith("model.layers."):
+                return layers is None or int(name.split(".")[2]) in layers
+            return embeddings_and_head
+
+        sd = load_state_dict(model_dir, dtype, keep=wanted)
+        return cls.from_state_dict(cfg, sd, device=device, backend=backend, layers=layers,
+                                   embeddings_and_head=embeddings_and_head)
 
     @classmethod
     def from_state_dict(cls, cfg: ModelConfig, sd: dict[str, torch.Tensor], device="cpu",
-                        backend: str = "auto") -> "Model":
+                        backend: str = "auto", layers: Collection[int] | None = None,
+                        embeddings_and_head: bool = True) -> "Model":
         sd = dict(sd)
+        held = [LayerWeights.from_state_dict(sd, f"model.layers.{i}.", cfg).to(device)
+                if layers is None or i in layers else None for i in range(cfg.num_layers)]
+        if not embeddings_and_head:
+            return cls(cfg, None, held, None, None, backend=backend)
         if "model.embed_tokens.weight" not in sd:
             raise UserError("checkpoint lacks 'model.embed_tokens.weight'")
         embed = sd.pop("model.embed_tokens.weight")
-        layers = [LayerWeights.from_state_dict(sd, f"model.layers.{i}.", cfg).to(device)
-                  for i in range(cfg.num_layers)]
         head = sd.pop("lm_head.weight", None)
         if head is None and not cfg.tie_word_embeddings:
             raise UserError("checkpoint lacks 'lm_head.weight' and the config does not tie embeddings")
@@ -99,16 +116,21 @@ class Model:
             raise UserError("checkpoint lacks 'model.norm.weight'")
         embed = embed.to(device)
         head = embed if cfg.tie_word_embeddings else head.to(device)  # tied: a stored head copy is ignored, as in HF
-        return cls(cfg, embed, layers, norm.to(device), head, backend=backend)
+        return cls(cfg, embed, held, norm.to(device), head, backend=backend)
 
     # ------------------------------------------------------------------ properties
+    def _any_weight(self) -> torch.Tensor:
+        if self.embed_weight is not None:
+            return self.embed_weight
+        return next(layer.input_norm for layer in self.layers if layer is not None)
+
     @property
     def device(self) -> torch.device:
-        return self.embed_weight.device
+        return self._any_weight().device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_weight.dtype
+        return self._any_weight().dtype
 
     def new_cache(self, capacity: int, num_layers: int | None = None) -> KVCache:
         cfg = self.config

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -25,8 +26,10 @@ def _safetensor_files(model_dir: Path) -> list[Path]:
     raise UserError(f"no model.safetensors or model.safetensors.index.json in '{model_dir}'")
 
 
-def load_state_dict(model_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor of a HF checkpoint, cast to ``dtype``. Corrupt or truncated files are a UserError."""
+def load_state_dict(model_dir: Path, dtype: torch.dtype,
+                    keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a HF checkpoint (or those whose name passes ``keep``), cast to ``dtype``. Tensors left
+    out are never read. Corrupt or truncated files are a UserError."""
     tensors: dict[str, torch.Tensor] = {}
     for file in _safetensor_files(model_dir):
         if not file.is_file():
@@ -34,7 +37,8 @@ def load_state_dict(model_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tens
         try:
             with safe_open(str(file), framework="pt") as handle:
                 for key in handle.keys():
-                    tensors[key] = handle.get_tensor(key).to(dtype)
+                    if keep is None or keep(key):
+                        tensors[key] = handle.get_tensor(key).to(dtype)
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise UserError(f"corrupt or truncated safetensors file '{file}': {exc}") from exc
     return tensors
