@@ -93,8 +93,10 @@ class Engine:
     def generate(self, prompt: str | None = None, *, prompt_ids: list[int] | None = None, chat: bool = False,
                  max_new_tokens: int = 128, mode: str = "vanilla", stages: int | None = None,
                  stage_layers: list[int] | None = None, pdm=None, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int | None = None,
+                 top_p: float = 1.0, seed: int | None = None, ignore_eos: bool = False,
                  stream: Callable[[str], None] | None = None) -> Output:
+        """Generate up to ``max_new_tokens``; stops at the model's end-of-turn/EOS (kept in the output) unless
+        ``ignore_eos`` (benchmarks want a fixed token count)."""
         if mode not in MODES:
             raise UserError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")
         params = SamplingParams(temperature, top_k, top_p, seed)
@@ -105,11 +107,12 @@ class Engine:
         self.check_length(len(prompt_ids), max_new_tokens)
         streamer = StreamDecoder(self.tokenizer) if stream else None
         on_tokens = (lambda ids: stream(streamer.push(ids))) if stream else None
+        eos_ids = set() if ignore_eos else self.eos_ids
         if mode == "vanilla":
-            result = generate_vanilla(self.model, prompt_ids, max_new_tokens, params, self.eos_ids, on_tokens)
+            result = generate_vanilla(self.model, prompt_ids, max_new_tokens, params, eos_ids, on_tokens)
         else:
             from .spd import generate_spd, resolve_pdm
 
             draft = resolve_pdm(self, pdm, stages=stages, stage_layers=stage_layers)
-            result = generate_spd(self.model, draft, prompt_ids, max_new_tokens, params, self.eos_ids, on_tokens)
+            result = generate_spd(self.model, draft, prompt_ids, max_new_tokens, params, eos_ids, on_tokens)
         return Output(result.prompt_ids, result.token_ids, result.stats, text=self.tokenizer.decode(result.token_ids))
