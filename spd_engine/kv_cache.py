@@ -7,19 +7,28 @@ from .errors import CapacityError
 
 
 class KVCache:
-    """``k``/``v`` are (layers, 1, capacity, Hkv, D); ``lengths`` is (layers, 1) int32 on the device.
+    """``k``/``v`` are (layers, batch, capacity, Hkv, D); ``lengths`` is (layers, batch) int32 on the device.
 
     A layer's length is the position its next K/V entry is written at. Rollback only lowers lengths:
-    stale entries past a length are never read and are overwritten by the next append.
+    stale entries past a length are never read and are overwritten by the next append. Decoding uses
+    batch 1; batched greedy generation (self-distillation data) gives each sequence its own row and length.
     """
 
     def __init__(self, num_layers: int, capacity: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device):
+                 dtype: torch.dtype, device, batch: int = 1):
         self.capacity = capacity
-        shape = (num_layers, 1, capacity, num_kv_heads, head_dim)
+        shape = (num_layers, batch, capacity, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths = torch.zeros(num_layers, 1, dtype=torch.int32, device=device)
+        self.lengths = torch.zeros(num_layers, batch, dtype=torch.int32, device=device)
+
+    def row(self, index: int) -> "KVCache":
+        """A batch-1 view of one sequence's row, sharing storage (e.g. to prefill prompts of different lengths)."""
+        view = object.__new__(KVCache)
+        view.capacity = self.capacity
+        view.k, view.v = self.k[:, index:index + 1], self.v[:, index:index + 1]
+        view.lengths = self.lengths[:, index:index + 1]
+        return view
 
     @property
     def num_layers(self) -> int:

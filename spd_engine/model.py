@@ -132,10 +132,10 @@ class Model:
     def dtype(self) -> torch.dtype:
         return self._any_weight().dtype
 
-    def new_cache(self, capacity: int, num_layers: int | None = None) -> KVCache:
+    def new_cache(self, capacity: int, num_layers: int | None = None, batch: int = 1) -> KVCache:
         cfg = self.config
         return KVCache(num_layers or cfg.num_layers, capacity, cfg.num_kv_heads, cfg.head_dim,
-                       self.dtype, self.device)
+                       self.dtype, self.device, batch=batch)
 
     def rope_tables(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (capacity, D/2) in float32, built once per capacity (HF computes them in float32 too)."""
