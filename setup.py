@@ -78,4 +78,5 @@ class BuildCudaExtension(build_ext):
         shutil.copyfile(built, destination)
 
 
-setup(ext_modules=[CMakeExtension("spd_engine._C")], cmdclass={"build_ext": BuildCudaExtension})
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import find_nvcc from it
+    setup(ext_modules=[CMakeExtension("spd_engine._C")], cmdclass={"build_ext": BuildCudaExtension})

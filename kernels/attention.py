@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot, dot_options, rotate_half
+from .common import dot_precision, rotate_half
 from .split_kv import plan_splits
 
 BLOCK_N = 64  # keys per block; splits start on block boundaries
@@ -42,7 +42,7 @@ def _attention_split_kernel(
     batch, tq, hq, hkv, s_max, split_len, scale_log2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_ROTARY: tl.constexpr, CAUSAL: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     split = tl.program_id(0)
@@ -122,7 +122,7 @@ def _attention_split_kernel(
             k2 = tl.where(is_new[None, :], kn2, k2)
             v = tl.where(is_new[:, None], vn, v)
 
-        scores = dot(q1, k1, DOT_PRECISION, DOT_UPCAST) + dot(q2, k2, DOT_PRECISION, DOT_UPCAST)
+        scores = tl.dot(q1, k1, input_precision=DOT_PRECISION) + tl.dot(q2, k2, input_precision=DOT_PRECISION)
         scores = tl.where(pos[None, :] < row_limit[:, None], scores * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         # A row with nothing visible yet keeps max -inf; subtracting 0 then gives p = 0 rather than NaN.
@@ -130,7 +130,7 @@ def _attention_split_kernel(
         p = tl.math.exp2(scores - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + dot(p.to(V_CACHE.dtype.element_ty), v, DOT_PRECISION, DOT_UPCAST)
+        acc = acc * alpha[:, None] + tl.dot(p.to(V_CACHE.dtype.element_ty), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     has_keys = l_i > 0
@@ -206,7 +206,6 @@ def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=
         split_len = triton.cdiv(triton.cdiv(S_max, num_splits), BLOCK_N) * BLOCK_N
         num_splits = triton.cdiv(S_max, split_len)
     scale = softmax_scale if softmax_scale is not None else D ** -0.5
-    precision, upcast = dot_options(q.dtype)
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_splits > 1:
@@ -229,7 +228,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=
         B, Tq, Hq, Hkv, S_max, split_len, scale * 1.4426950408889634,
         GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
         HAS_ROTARY=has_rotary, CAUSAL=bool(causal), SINGLE_SPLIT=num_splits == 1,
-        DOT_PRECISION=precision, DOT_UPCAST=upcast,
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4, num_stages=2,
     )
     if num_splits > 1:

@@ -1,34 +1,15 @@
 """Small Triton helpers shared by the kernels in this package."""
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 
-def interpreted() -> bool:
-    """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def dot_options(dtype: torch.dtype) -> tuple[str, bool]:
-    """(input_precision, upcast) for tl.dot on operands of ``dtype``.
-
-    fp32 operands use "ieee": TF32 would miss the fp32 tolerance. The CPU interpreter multiplies bf16
-    operands as their raw uint16 storage, so there (and only there) bf16 operands are upcast to fp32 first.
-    """
-    upcast = interpreted() and dtype == torch.bfloat16
-    return ("ieee" if dtype == torch.float32 or upcast else "tf32"), upcast
-
-
-@triton.jit
-def dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=PRECISION)
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input_precision for operands of ``dtype``: fp32 needs "ieee" (TF32 would miss the fp32
+    tolerance); 16-bit operands ignore it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 @triton.jit

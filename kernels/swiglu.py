@@ -15,7 +15,7 @@ import triton.language as tl
 
 from spd_engine.ops import reference
 
-from .common import dot, dot_options
+from .common import dot_precision
 
 MAX_GEMV_ROWS = 8
 BLOCK_ROWS = 16  # tl.dot needs 16 rows; the padding rows are masked and cost no memory traffic
@@ -27,7 +27,7 @@ BLOCK_K = 128
 def _gate_up_silu_kernel(
     X, W, ACT, rows, hidden, ffn, stride_x, stride_w, stride_act,
     BLOCK_ROWS: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     offs_f = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
     offs_r = tl.arange(0, BLOCK_ROWS)
@@ -43,8 +43,8 @@ def _gate_up_silu_kernel(
         w_mask = k_valid[:, None] & f_valid[None, :]
         w_gate = tl.load(W + offs_f[None, :].to(tl.int64) * stride_w + k[:, None], mask=w_mask, other=0.0)
         w_up = tl.load(W + (offs_f + ffn)[None, :].to(tl.int64) * stride_w + k[:, None], mask=w_mask, other=0.0)
-        gate += dot(x, w_gate, DOT_PRECISION, DOT_UPCAST)
-        up += dot(x, w_up, DOT_PRECISION, DOT_UPCAST)
+        gate += tl.dot(x, w_gate, input_precision=DOT_PRECISION)
+        up += tl.dot(x, w_up, input_precision=DOT_PRECISION)
     act = gate * tl.sigmoid(gate) * up
     tl.store(ACT + offs_r[:, None] * stride_act + offs_f[None, :], act.to(ACT.dtype.element_ty),
              mask=(offs_r < rows)[:, None] & f_valid[None, :])
@@ -67,10 +67,9 @@ def swiglu_mlp(x, gate_up_weight, down_weight):
     x_rows = x_rows if x_rows.stride(-1) == 1 else x_rows.contiguous()
     weight = gate_up_weight if gate_up_weight.stride(-1) == 1 else gate_up_weight.contiguous()
     act = torch.empty((rows, ffn), dtype=x.dtype, device=x.device)
-    precision, upcast = dot_options(x.dtype)
     _gate_up_silu_kernel[(triton.cdiv(ffn, BLOCK_F),)](
         x_rows, weight, act, rows, hidden, ffn, x_rows.stride(0), weight.stride(0), act.stride(0),
-        BLOCK_ROWS=BLOCK_ROWS, BLOCK_F=BLOCK_F, BLOCK_K=BLOCK_K, DOT_PRECISION=precision, DOT_UPCAST=upcast,
+        BLOCK_ROWS=BLOCK_ROWS, BLOCK_F=BLOCK_F, BLOCK_K=BLOCK_K, DOT_PRECISION=dot_precision(x.dtype),
         num_warps=4,
     )
     return F.linear(act, down_weight).reshape(*x.shape[:-1], down_weight.shape[0])
