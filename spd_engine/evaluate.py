@@ -1,0 +1,199 @@
+"""Acceptance and losslessness of SPD over prompt sets (EAGLE ``question.jsonl`` format).
+
+    spd-engine eval --stages 4 --pdm DIR --data mt_bench.jsonl gsm8k.jsonl --limit 10 --max-new-tokens 64 --out r.json
+
+Each prompt is the record's first turn under the model's chat template. It runs in vanilla mode and in SPD
+mode; at temperature 0 the two must produce the same token ids (``lossless``). Per dataset it reports the
+acceptance rate (accepted / verified drafts), the equivalent accept length (n × new tokens / cycles, the
+paper's "theoretical speedup"), both modes' tokens per second and their wall-clock ratio on this device.
+Those two speedups are different numbers and are reported side by side, never mixed.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .decode import generate_vanilla
+from .errors import UserError
+from .sampling import SamplingParams
+from .spd import generate_spd, resolve_pdm
+from .stages import parse_stage_layers
+
+WARMUP_TOKENS = 8  # one short untimed run per mode first, so one-time setup costs do not land on prompt 1
+
+
+def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
+    """``{"question_id", "turns": [first user turn, ...]}`` records; the first ``limit`` of them."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompt file '{path}' does not exist")
+    questions = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+        turns = record.get("turns") if isinstance(record, dict) else None
+        if not turns or not isinstance(turns[0], str):
+            raise UserError(f"{path}:{number}: expected an object with a non-empty 'turns' list of strings")
+        questions.append({"question_id": record.get("question_id", number), "prompt": turns[0]})
+        if limit is not None and len(questions) == limit:
+            break
+    if not questions:
+        raise UserError(f"prompt file '{path}' holds no prompts")
+    return questions
+
+
+def _first_mismatch(a: list[int], b: list[int]) -> int | None:
+    """Index of the first differing token (or where the shorter list ends); None when the lists are equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def evaluate_prompt(engine, pdm, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams) -> dict:
+    """One prompt in both modes. ``lossless`` is checked at temperature 0 only (None otherwise)."""
+    vanilla = generate_vanilla(engine.model, prompt_ids, max_new_tokens, params, engine.eos_ids)
+    spd = generate_spd(engine.model, pdm, prompt_ids, max_new_tokens, params, engine.eos_ids)
+    stats = spd.stats
+    mismatch = _first_mismatch(vanilla.token_ids, spd.token_ids) if params.greedy else None
+    return {
+        "prompt_tokens": len(prompt_ids),
+        "new_tokens": stats["new_tokens"],
+        "cycles": stats["cycles"],
+        "accepted": stats["accepted_drafts"],
+        "rejected": stats["rejected_drafts"],
+        "lossless": (mismatch is None) if params.greedy else None,
+        "first_mismatch": mismatch,
+        "trace": "".join("A" if accepted else "R" for accepted in spd.trace),
+        "vanilla_new_tokens": vanilla.stats["new_tokens"],
+        "vanilla_seconds": vanilla.stats["seconds"],
+        "spd_seconds": stats["seconds"],
+    }
+
+
+def summarize(prompts: list[dict], stages: int) -> dict:
+    """Dataset totals: rates are ratios of sums over prompts (not means of per-prompt rates)."""
+    accepted, rejected = sum(p["accepted"] for p in prompts), sum(p["rejected"] for p in prompts)
+    new_tokens, cycles = sum(p["new_tokens"] for p in prompts), sum(p["cycles"] for p in prompts)
+    vanilla_tokens = sum(p["vanilla_new_tokens"] for p in prompts)
+    vanilla_seconds, spd_seconds = sum(p["vanilla_seconds"] for p in prompts), sum(p["spd_seconds"] for p in prompts)
+    vanilla_tps = vanilla_tokens / vanilla_seconds if vanilla_seconds else 0.0
+    spd_tps = new_tokens / spd_seconds if spd_seconds else 0.0
+    checked = [p["lossless"] for p in prompts if p["lossless"] is not None]
+    return {
+        "prompts": len(prompts),
+        "lossless": all(checked) if checked else None,
+        "lossless_prompts": sum(checked),
+        "new_tokens": new_tokens,
+        "cycles": cycles,
+        "accepted": accepted,
+        "rejected": rejected,
+        "acceptance_rate": accepted / (accepted + rejected) if accepted + rejected else 0.0,
+        "equivalent_accept_length": stages * new_tokens / cycles if cycles else 0.0,
+        "vanilla_tokens_per_s": vanilla_tps,
+        "spd_tokens_per_s": spd_tps,
+        "wall_clock_ratio": spd_tps / vanilla_tps if vanilla_tps else 0.0,
+    }
+
+
+def evaluate(engine, datasets: list[str], *, pdm=None, stages: int | None = None,
+             stage_layers: list[int] | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
+             seed: int | None = None, limit: int | None = None, progress: bool = True) -> dict:
+    """Run every dataset's prompts in vanilla and SPD mode; returns the full report (per prompt and per
+    dataset). ``pdm`` is a PDM directory, ``"untrained"`` or None (the model's shipped PDM), as for generate."""
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be >= 1, got {limit}")
+    params = SamplingParams(temperature, seed=seed)
+    question_sets = {path: load_questions(path, limit) for path in datasets}  # every file checked before running
+    draft = resolve_pdm(engine, pdm, stages=stages, stage_layers=stage_layers)
+    n = draft.config.stages
+    encoded = {path: [engine.encode_prompt(q["prompt"], chat=True) for q in questions]
+               for path, questions in question_sets.items()}
+    for ids in (ids for prompts in encoded.values() for ids in prompts):
+        engine.check_length(len(ids), max_new_tokens)
+    first = next(iter(encoded.values()))[0]
+    evaluate_prompt(engine, draft, first, min(WARMUP_TOKENS, max_new_tokens), params)
+
+    report = {"model": engine.model_spec, "device": str(engine.model.device),
+              "dtype": str(engine.model.dtype).replace("torch.", ""), "pdm": str(pdm) if pdm else "default",
+              "stages": n, "stage_layers": [b - a for a, b in draft.config.stage_bounds],
+              "tower_layers": draft.config.tower_layers, "draft_vocab": draft.config.draft_vocab_size,
+              "temperature": temperature, "max_new_tokens": max_new_tokens, "datasets": {}}
+    total = sum(len(prompts) for prompts in encoded.values())
+    started = time.perf_counter()
+    with tqdm(total=total, desc="eval", unit="prompt", disable=not progress, file=sys.stderr) as bar:
+        for path, questions in question_sets.items():
+            results = []
+            for question, ids in zip(questions, encoded[path]):
+                results.append({"question_id": question["question_id"],
+                                **evaluate_prompt(engine, draft, ids, max_new_tokens, params)})
+                bar.update(1)
+                bar.set_postfix(accept=f"{summarize(results, n)['acceptance_rate']:.3f}")
+            name = Path(path).stem
+            if name in report["datasets"]:  # same file name in two folders: keep both
+                name = str(path)
+            report["datasets"][name] = {"path": str(path), **summarize(results, n), "per_prompt": results}
+    report["seconds"] = time.perf_counter() - started
+    return report
+
+
+def format_table(report: dict) -> str:
+    header = ("dataset", "prompts", "lossless", "acceptance", "eq. accept len", "vanilla tok/s", "spd tok/s",
+              "wall ratio")
+    rows = [header]
+    for name, d in report["datasets"].items():
+        lossless = "n/a" if d["lossless"] is None else f"{d['lossless_prompts']}/{d['prompts']}"
+        rows.append((name, str(d["prompts"]), lossless, f"{d['acceptance_rate']:.3f}",
+                     f"{d['equivalent_accept_length']:.2f}", f"{d['vanilla_tokens_per_s']:.1f}",
+                     f"{d['spd_tokens_per_s']:.1f}", f"{d['wall_clock_ratio']:.2f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    caption = (f"SPD n={report['stages']} (stage layers {','.join(map(str, report['stage_layers']))}), "
+               f"L_s={report['tower_layers']}, draft vocab {report['draft_vocab']}, T={report['temperature']}, "
+               f"max {report['max_new_tokens']} new tokens, {report['device']}")
+    return "\n".join([caption, *lines])
+
+
+def add_arguments(p) -> None:
+    from .cli import _add_model_args, _add_spd_args
+
+    _add_model_args(p)
+    _add_spd_args(p)
+    p.add_argument("--data", nargs="+", required=True, metavar="JSONL",
+                   help="prompt sets in EAGLE question.jsonl format (first turn is used)")
+    p.add_argument("--limit", type=int, default=None, help="first N prompts of each set")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--out", default=None, help="write the full report (per prompt, with traces) as JSON here")
+
+
+def run(args) -> int:
+    """Exit status 1 when any temperature-0 prompt was not lossless."""
+    from .engine import Engine
+
+    stage_layers = parse_stage_layers(args.stage_layers) if args.stage_layers else None
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    report = evaluate(engine, args.data, pdm=args.pdm, stages=args.stages, stage_layers=stage_layers,
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                      limit=args.limit)
+    print(format_table(report))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+        print(f"wrote {out}", file=sys.stderr)
+    failed = [name for name, d in report["datasets"].items() if d["lossless"] is False]
+    if failed:
+        print(f"spd-engine: SPD output differs from vanilla at temperature 0 in: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0

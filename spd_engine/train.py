@@ -1,0 +1,779 @@
+"""Train a draft module (PDM) by distillation from the frozen target (DESIGN.md §1, "Training (distillation)").
+
+    spd-engine train-pdm --model default --stages 4 --data prompts.jsonl --self-distill --steps 300 --out DIR
+
+Pipeline of one run:
+
+1. **Data.** ``.txt`` files are packed text; ``.jsonl`` files hold chats (``{"messages": [...]}`` or EAGLE
+   ``{"turns": [...]}``) rendered with the model's chat template. With ``--self-distill`` the target first
+   answers the prompts greedily (a ``.txt`` file then supplies passages that become "continue / summarise /
+   explain" prompts) and training uses prompt + its own answer; answers are cached in the output directory.
+   All token streams are concatenated and cut into ``--seq-len`` sequences, split into train / validation.
+2. **Draft vocabulary.** The K most frequent tokens of the training sequences plus the target's own
+   predictions over a bounded sample of them (self-distilled answers are its predictions already);
+   :meth:`PDM.create` copies the matching LM-head rows.
+3. **Steps.** The frozen target runs each sequence (no grad), capturing its anchor hidden states and logits;
+   these are kept for later epochs when they fit ``--target-cache-gb``. The PDM's tower runs over the
+   *staircase layout* (:func:`staircase_mask`) and the loss is KL(target ‖ draft) over the draft vocabulary
+   at positions whose target argmax is in it. Half the steps use a partly filled pipeline (fill f in
+   [1, n-1]). AdamW, linear warm-up (100 steps, at most 10% of the run) then linear decay, grad clip 1.0.
+   Trainable weights are float32 masters; a half-precision target on a GPU runs the PDM under autocast.
+4. **Checkpoints** (every ``--checkpoint-every`` steps and at the end) are directories committed by an atomic
+   pointer update; ``--resume`` continues from the latest one and ends bit-identical to an uninterrupted run.
+5. **Report.** Validation metrics (:meth:`Distiller.validate`), ``train_report.json`` and the final PDM,
+   all in ``--out``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from .errors import UserError
+from .ops.reference import aggregate_features
+from .pdm import PDM, WEIGHTS_FILE
+from .stages import parse_stage_layers, partition_layers
+
+REPORT_FILE = "train_report.json"
+ANSWERS_FILE = "self_distill_answers.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+LATEST_FILE = "latest"  # names the newest complete checkpoint; replacing it is the commit point
+TRAINER_STATE_FILE = "trainer_state.pt"
+WARMUP_STEPS = 100
+GRAD_CLIP = 1.0
+# The target's own predictions join the draft-vocabulary counts; scanning this many tokens finds its frequent
+# predictions without a second pass of target forwards over the whole training set.
+VOCAB_SCAN_TOKENS = 16384
+# A .txt file under --self-distill becomes prompts: passages of about this many words under one of these asks.
+PASSAGE_WORDS = (80, 200)
+PASSAGE_INSTRUCTIONS = ("Continue this passage.", "Summarise this passage.",
+                        "Explain in plain words what happens in this passage.")
+
+
+@dataclass
+class TrainOptions:
+    """Everything that defines a training run. A resumed run must ask for the same values (see RESUME_FREE)."""
+    data: list[str]
+    out: str
+    stages: int | None = None
+    stage_layers: list[int] | None = None
+    anchors: list[int] | str = "auto"
+    tower_layers: int = 1
+    draft_vocab: int = 8192
+    self_distill: bool = False
+    answer_tokens: int = 256
+    max_examples: int | None = None
+    seq_len: int = 512
+    steps: int | None = None  # overrides epochs
+    epochs: float = 1.0
+    batch_size: int = 8
+    lr: float = 1e-4
+    val_fraction: float = 0.05
+    checkpoint_every: int = 200
+    resume: bool = False
+    seed: int = 0
+    target_cache_gb: float = 4.0  # keep the target's outputs when a set fits (a pure speed-up)
+
+    def check(self) -> None:
+        if not self.data:
+            raise UserError("give at least one --data file")
+        for name, value, low in (("--tower-layers", self.tower_layers, 1), ("--draft-vocab", self.draft_vocab, 1),
+                                 ("--answer-tokens", self.answer_tokens, 1), ("--seq-len", self.seq_len, 2),
+                                 ("--batch-size", self.batch_size, 1), ("--steps", self.steps, 1),
+                                 ("--checkpoint-every", self.checkpoint_every, 1),
+                                 ("--max-examples", self.max_examples, 1)):
+            if value is not None and value < low:
+                raise UserError(f"{name} must be >= {low}, got {value}")
+        if not self.epochs > 0:
+            raise UserError(f"--epochs must be > 0, got {self.epochs}")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be > 0, got {self.lr}")
+        if not self.target_cache_gb >= 0:
+            raise UserError(f"--target-cache-gb must be >= 0, got {self.target_cache_gb}")
+        if not 0 <= self.val_fraction < 1:
+            raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+
+
+# Options that may differ between a run and its resumption: none of them changes a trained number.
+RESUME_FREE = ("out", "resume", "checkpoint_every", "target_cache_gb")
+
+
+# ====================================================================== data
+def _read_jsonl(path: Path) -> list[list[dict]]:
+    """Chats from a JSONL file: ``{"messages": [{"role", "content"}, ...]}`` or EAGLE ``{"turns": [...]}``
+    (alternating user / assistant turns, user first)."""
+    chats = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+        if isinstance(record, dict) and isinstance(record.get("messages"), list):
+            messages = record["messages"]
+        elif isinstance(record, dict) and isinstance(record.get("turns"), list):
+            messages = [{"role": ("user", "assistant")[i % 2], "content": turn}
+                        for i, turn in enumerate(record["turns"])]
+        else:
+            raise UserError(f"{path}:{number}: expected an object with 'messages' or 'turns'")
+        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                   for m in messages):
+            raise UserError(f"{path}:{number}: every message needs string 'role' and 'content'")
+        if messages:
+            chats.append(messages)
+    return chats
+
+
+def passages(text: str, min_words: int = PASSAGE_WORDS[0], max_words: int = PASSAGE_WORDS[1]) -> list[str]:
+    """Blank-line paragraphs joined until at least ``min_words`` words, each cut at ``max_words`` words."""
+    out, current = [], []
+    for paragraph in text.split("\n\n"):
+        current += paragraph.split()
+        if len(current) >= min_words:
+            out.append(" ".join(current[:max_words]))
+            current = []
+    if current:
+        out.append(" ".join(current[:max_words]))
+    return out
+
+
+def _first_user_turn(messages: list[dict]) -> list[dict] | None:
+    """The conversation up to and including its first user message (a system message before it stays)."""
+    for i, message in enumerate(messages):
+        if message["role"] == "user":
+            return messages[: i + 1]
+    return None
+
+
+def _examples(path: Path, self_distill: bool) -> list:
+    """One file's examples: chats (lists of messages) to render, or a str of raw text to tokenize as is."""
+    if not path.is_file():
+        raise UserError(f"data file '{path}' does not exist")
+    if path.suffix == ".txt":
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if not self_distill:
+            return [text] if text.strip() else []
+        return [[{"role": "user", "content": f"{PASSAGE_INSTRUCTIONS[i % len(PASSAGE_INSTRUCTIONS)]}\n\n{passage}"}]
+                for i, passage in enumerate(passages(text))]
+    if path.suffix == ".jsonl":
+        chats = _read_jsonl(path)
+        return [p for p in map(_first_user_turn, chats) if p] if self_distill else chats
+    raise UserError(f"data file '{path}' must be .txt (plain text) or .jsonl (chats)")
+
+
+class AnswerCache:
+    """Self-distilled answers on disk, one JSON line per prompt, appended as they are made, so an interrupted
+    or resumed run never regenerates one. A line cut short by a crash is ignored."""
+
+    def __init__(self, path: Path, model_key: str):
+        self.path, self.model_key = path, model_key
+        self.answers: dict[str, list[int]] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                    self.answers[record["key"]] = record["answer"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+
+    def key(self, prompt_ids: list[int], answer_tokens: int) -> str:
+        return hashlib.sha1(json.dumps([self.model_key, answer_tokens, prompt_ids]).encode()).hexdigest()
+
+    def add(self, key: str, answer: list[int]) -> None:
+        self.answers[key] = answer
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"key": key, "answer": answer}) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def self_distill(engine, prompts: list[list[int]], answer_tokens: int, cache: AnswerCache,
+                 progress: bool = True) -> tuple[list[list[int]], int]:
+    """prompt + the target's own greedy answer (vanilla decoding) for each prompt that fits the context.
+    Returns (token streams, prompts skipped for length)."""
+    limit = engine.model.config.max_position_embeddings
+    streams, skipped = [], 0
+    for ids in tqdm(prompts, desc="self-distill", unit="prompt", disable=not progress, file=sys.stderr):
+        if len(ids) + answer_tokens > limit:
+            skipped += 1
+            continue
+        key = cache.key(ids, answer_tokens)
+        if key not in cache.answers:
+            cache.add(key, engine.generate(prompt_ids=ids, max_new_tokens=answer_tokens).token_ids)
+        streams.append(ids + cache.answers[key])
+    return streams, skipped
+
+
+@dataclass
+class TrainingData:
+    train: torch.Tensor  # (N, T) int64
+    val: torch.Tensor  # (M, T) int64
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha1(self.train.numpy().tobytes())
+        digest.update(self.val.numpy().tobytes())
+        return digest.hexdigest()
+
+
+def load_training_data(engine, options: TrainOptions, progress: bool = True) -> TrainingData:
+    """Read, render (and self-distill), pack into ``seq_len`` sequences and split train / validation.
+
+    ``--max-examples`` keeps a seeded random subset of the examples (prompts, chats or text files), in order.
+    """
+    tokenizer = engine.tokenizer
+    examples = [example for path in options.data for example in _examples(Path(path), options.self_distill)]
+    if options.max_examples is not None and options.max_examples < len(examples):
+        keep = torch.randperm(len(examples), generator=torch.Generator().manual_seed(options.seed))
+        examples = [examples[i] for i in sorted(keep[: options.max_examples].tolist())]
+
+    def render(example, generation_prompt: bool) -> list[int]:
+        if isinstance(example, str):
+            return tokenizer.encode(example)
+        return tokenizer.encode(tokenizer.apply_chat_template(example, add_generation_prompt=generation_prompt),
+                                add_bos=False)
+
+    summary = {"files": list(options.data), "examples": len(examples), "self_distill": options.self_distill}
+    if options.self_distill:
+        prompts = [render(chat, True) for chat in examples]
+        cache = AnswerCache(Path(options.out) / ANSWERS_FILE, engine.model_spec)
+        streams, skipped = self_distill(engine, prompts, options.answer_tokens, cache, progress)
+        summary.update(skipped_prompts=skipped, answer_tokens=options.answer_tokens)
+    else:
+        streams = [render(example, False) for example in examples]
+    stream = [token for ids in streams for token in ids]
+    if not stream:
+        raise UserError(f"no training text in {', '.join(options.data)}")
+    T = options.seq_len
+    if len(stream) < T * (2 if options.val_fraction > 0 else 1):
+        raise UserError(f"the data has {len(stream)} tokens: too few for --seq-len {T} "
+                        f"(need one training{' and one validation' if options.val_fraction > 0 else ''} sequence)")
+    sequences = torch.tensor(stream[: len(stream) // T * T], dtype=torch.long).view(-1, T)
+    order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(options.seed))
+    n_val = 0 if options.val_fraction == 0 else min(len(sequences) - 1,
+                                                     max(1, round(len(sequences) * options.val_fraction)))
+    val, train = sequences[order[:n_val]], sequences[order[n_val:]]
+    summary.update(tokens=len(stream), seq_len=T, train_sequences=len(train), val_sequences=len(val))
+    return TrainingData(train, val, summary)
+
+
+def choose_draft_vocab(sequences: torch.Tensor, predicted: torch.Tensor, vocab_size: int, size: int) -> torch.Tensor:
+    """The ``size`` most frequent tokens among the training tokens plus the target's predictions, as sorted
+    ids (ties and never-seen tokens go by id)."""
+    counts = torch.bincount(sequences.flatten(), minlength=vocab_size) + \
+        torch.bincount(predicted.flatten(), minlength=vocab_size)
+    ranked = torch.sort(-counts[:vocab_size], stable=True).indices  # stable: equal counts keep id order
+    return ranked[: min(size, vocab_size)].sort().values
+
+
+# ====================================================================== staircase layout
+def staircase_blocks(depth_types: list[int]) -> list[tuple[int, int]]:
+    """The row blocks of a training sequence: (aggregation type, representative depth) for each distinct type
+    among depths 0..n (``depth_types[d]``), in depth order, so the depth-0 block comes first.
+
+    Types no depth uses get no block (their rows could never be seen). A type used by several depths is
+    represented by the shallowest of them; this only matters for towers with L_s >= 2 (see
+    :func:`staircase_mask`)."""
+    blocks: dict[int, int] = {}
+    for depth, kind in enumerate(depth_types):
+        blocks.setdefault(kind, depth)
+    return list(blocks.items())
+
+
+def staircase_mask(depth_types: list[int], seq_len: int, fill: int | None = None) -> torch.Tensor:
+    """(R, R) boolean attention mask (True = visible) over ``R = blocks * seq_len`` rows laid out block-major
+    (block b, position t at row ``b * seq_len + t``), recreating what the tower sees at inference.
+
+    With n = len(depth_types) - 1 stages and fill f (default n: full pipeline), a row of representative depth
+    d at position t sees the row for position t - δ (δ >= 0) only in the block of the type of depth
+    ``d + δ`` if ``d + δ < f`` and of depth n (the deepest type) otherwise. For the depth-0 block (the only
+    one whose outputs get the loss) that is exactly the inference staircase: the newest token sees the token
+    δ places older at depth min(n, δ), and with a partly filled pipeline (fill f) keys at distance >= f at
+    full depth. Rows of other blocks follow the same rule from their own depth, which is what an in-flight
+    token of that depth sees at inference; they feed the depth-0 rows only through the K/V of tower layers
+    after the first, so with L_s = 1 their masks do not affect the loss. Every row sees at least one row at
+    its own position (itself, or the deepest row when its depth is past the fill), so none is empty.
+    """
+    n = len(depth_types) - 1
+    fill = n if fill is None else fill
+    if not 1 <= fill <= n:
+        raise ValueError(f"fill must be in [1, {n}], got {fill}")
+    types = torch.tensor(depth_types)
+    positions = torch.arange(seq_len)
+    distance = positions[:, None] - positions[None, :]  # query position minus key position
+    causal = distance >= 0
+    blocks = staircase_blocks(depth_types)
+    rows = []
+    for _, depth in blocks:
+        seen_depth = depth + distance.clamp(min=0)
+        key_type = types[torch.where(seen_depth < fill, seen_depth, n)]
+        rows.append(torch.cat([causal & (key_type == kind) for kind, _ in blocks], dim=1))
+    return torch.cat(rows, dim=0)
+
+
+# ====================================================================== distillation
+@dataclass
+class TargetOutputs:
+    anchors: torch.Tensor  # (B, T, m, H) hidden states at the PDM's anchors
+    teacher: torch.Tensor  # (B, T, K) float32 target logits over the draft vocabulary
+    argmax: torch.Tensor  # (B, T) the target's greedy next token (full vocabulary)
+
+
+@torch.no_grad()
+def target_pass(target, ids: torch.Tensor, anchor_layers: list[int], draft_vocab: torch.Tensor) -> TargetOutputs:
+    """Run the frozen target over (B, T) sequences, one at a time (its KV cache holds one sequence), capturing
+    the hidden states at ``anchor_layers`` and the logits over ``draft_vocab``."""
+    B, T = ids.shape
+    H, L = target.config.hidden_size, target.config.num_layers
+    anchors = torch.empty(B, T, len(anchor_layers), H, dtype=target.dtype, device=target.device)
+    teacher = torch.empty(B, T, len(draft_vocab), dtype=torch.float32, device=target.device)
+    argmax = torch.empty(B, T, dtype=torch.long, device=target.device)
+    cache = target.new_cache(T)
+    for b in range(B):
+        cache.reset()
+        embedded = target.embed(ids[b: b + 1])
+        anchors[b, :, 0] = embedded[0]
+        captures = {layer: (lambda h, b=b, j=j: anchors[b, :, j].copy_(h[0]))
+                    for j, layer in enumerate(anchor_layers) if layer > 0}
+        logits = target.logits(target.forward_layers(embedded, 0, L, cache, captures=captures))[0]
+        argmax[b] = logits.argmax(-1)
+        teacher[b] = logits[:, draft_vocab].float()
+    return TargetOutputs(anchors, teacher, argmax)
+
+
+class TargetCache:
+    """The frozen target's outputs for a fixed set of sequences, by index. They are kept after first use when
+    the whole set fits in ``budget_bytes``, so later epochs and the final validation cost only the PDM;
+    :func:`target_pass` runs one sequence at a time either way, so keeping them never changes a number."""
+
+    def __init__(self, target, pdm: PDM, sequences: torch.Tensor, budget_bytes: float):
+        self.target, self.pdm, self.sequences = target, pdm, sequences
+        T = sequences.shape[1]
+        m, H, K = len(pdm.config.anchors), target.config.hidden_size, len(pdm.draft_vocab)
+        per_sequence = T * (m * H * target.dtype.itemsize + K * 4 + 8)
+        self.keep = per_sequence * len(sequences) <= budget_bytes
+        self.kept: dict[int, TargetOutputs] = {}
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def get(self, indices: list[int]) -> TargetOutputs:
+        if not self.keep:
+            return self._run(indices)
+        missing = [i for i in dict.fromkeys(indices) if i not in self.kept]
+        if missing:
+            fresh = self._run(missing)
+            for j, i in enumerate(missing):
+                self.kept[i] = TargetOutputs(fresh.anchors[j], fresh.teacher[j], fresh.argmax[j])
+        return TargetOutputs(*(torch.stack([getattr(self.kept[i], name) for i in indices])
+                               for name in ("anchors", "teacher", "argmax")))
+
+    def _run(self, indices: list[int]) -> TargetOutputs:
+        ids = self.sequences[indices].to(self.target.device)
+        return target_pass(self.target, ids, self.pdm.config.anchors, self.pdm.draft_vocab)
+
+
+class Distiller:
+    """The frozen target and the trainable PDM, with the forward pieces that training and validation share."""
+
+    def __init__(self, target, pdm: PDM):
+        self.target, self.pdm = target, pdm
+        self.depth_types = pdm.depth_types
+        self.blocks = staircase_blocks(self.depth_types)
+        self.vocab_row = torch.full((target.config.vocab_size,), -1, dtype=torch.long, device=target.device)
+        self.vocab_row[pdm.draft_vocab] = torch.arange(len(pdm.draft_vocab), device=target.device)
+        # bf16 autocast on a GPU when the target runs in half precision; the trainable weights stay float32.
+        half_on_gpu = target.device.type == "cuda" and target.dtype != torch.float32
+        self.autocast = (lambda: torch.autocast("cuda", dtype=target.dtype)) if half_on_gpu else nullcontext
+
+    def draft_logits(self, anchors: torch.Tensor, fill: int | None = None) -> torch.Tensor:
+        """Draft logits (B, T, K) of the depth-0 rows: one block of aggregated features per type, the tower
+        under the staircase mask at ``fill`` (default: full pipeline)."""
+        pdm = self.pdm
+        B, T, m, H = anchors.shape
+        flat = anchors.reshape(B * T, m, H)
+        rows = torch.arange(B * T, device=anchors.device)
+        with self.autocast():
+            # Only anchors 0..type are read by a type, so each block passes just those: the reference op then
+            # skips the deeper types it would otherwise compute and discard.
+            features = torch.cat([aggregate_features(flat[:, : kind + 1], pdm.agg_weight, rows,
+                                                     torch.full_like(rows, kind)).view(B, T, H)
+                                  for kind, _ in self.blocks], dim=1)
+            positions = torch.arange(T, device=anchors.device).repeat(len(self.blocks))
+            mask = staircase_mask(self.depth_types, T, fill).to(anchors.device)
+            out = pdm.masked_tower(features, positions, mask)[:, :T]
+            return pdm.draft_logits(out).float()
+
+    def loss_and_matches(self, logits: torch.Tensor, outputs: TargetOutputs):
+        """KL(target ‖ draft) over the draft vocabulary, averaged over positions whose target argmax is in it;
+        plus (B, T) top-1 agreement with the target argmax (out-of-vocabulary targets are misses) and the
+        in-vocabulary mask."""
+        in_vocab = self.vocab_row[outputs.argmax] >= 0
+        kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(outputs.teacher, -1), log_target=True,
+                      reduction="none").sum(-1)
+        loss = (kl * in_vocab).sum() / in_vocab.sum().clamp(min=1)
+        matches = self.pdm.draft_vocab[logits.argmax(-1)] == outputs.argmax
+        return loss, matches, in_vocab
+
+    @torch.no_grad()
+    def validate(self, targets: TargetCache, batch_size: int) -> dict | None:
+        """Validation under the exact inference staircase with a full pipeline (fill n):
+
+        * ``loss``: the training loss (mean KL over in-vocabulary positions);
+        * ``top1``: agreement of the draft's argmax with the target's argmax at positions whose target argmax
+          is in the draft vocabulary (what the loss optimises);
+        * ``simulated_acceptance``: the same agreement over *all* positions, out-of-vocabulary targets counted
+          as misses: the predicted per-draft greedy acceptance rate p of a full pipeline on this text;
+        * ``simulated_accept_length``: n / (1 + (n-1)(1-p)), DESIGN.md's equivalent accept length for p.
+        """
+        if len(targets) == 0:
+            return None
+        loss_sum = hits = in_vocab_hits = in_vocab_count = positions = 0.0
+        for start in range(0, len(targets), batch_size):
+            outputs = targets.get(list(range(start, min(start + batch_size, len(targets)))))
+            loss, matches, in_vocab = self.loss_and_matches(self.draft_logits(outputs.anchors), outputs)
+            count = float(in_vocab.sum())
+            loss_sum += float(loss) * count
+            in_vocab_count += count
+            in_vocab_hits += float((matches & in_vocab).sum())
+            hits += float(matches.sum())
+            positions += matches.numel()
+        n = self.pdm.config.stages
+        p = hits / positions
+        return {"loss": loss_sum / max(in_vocab_count, 1), "top1": in_vocab_hits / max(in_vocab_count, 1),
+                "simulated_acceptance": p, "simulated_accept_length": n / (1 + (n - 1) * (1 - p)),
+                "in_vocab_fraction": in_vocab_count / positions, "positions": int(positions)}
+
+
+def _train_step(distiller: Distiller, optimizer, scheduler, outputs: TargetOutputs, fill: int | None):
+    loss, matches, _ = distiller.loss_and_matches(distiller.draft_logits(outputs.anchors, fill), outputs)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(distiller.pdm.trainable(), GRAD_CLIP)
+    optimizer.step()
+    scheduler.step()
+    return float(loss.detach()), float(matches.float().mean())
+
+
+class BatchSampler:
+    """Endless shuffled batches: each epoch is a fresh permutation drawn from ``generator``; a batch may span
+    an epoch boundary. Its state (the current order and cursor) is checkpointed with the generator's."""
+
+    def __init__(self, size: int, batch_size: int, generator: torch.Generator):
+        self.size, self.batch_size, self.generator = size, batch_size, generator
+        self.order = torch.empty(0, dtype=torch.long)
+        self.cursor = 0
+
+    def next(self) -> torch.Tensor:
+        taken = []
+        need = self.batch_size
+        while need:
+            if self.cursor == len(self.order):
+                self.order, self.cursor = torch.randperm(self.size, generator=self.generator), 0
+            chunk = self.order[self.cursor: self.cursor + need]
+            taken.append(chunk)
+            self.cursor += len(chunk)
+            need -= len(chunk)
+        return torch.cat(taken)
+
+    def state_dict(self) -> dict:
+        return {"order": self.order.clone(), "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order, self.cursor = state["order"], state["cursor"]
+
+
+def pick_fill(generator: torch.Generator, stages: int) -> int | None:
+    """Partial-fill augmentation: half the steps use a fill drawn from [1, n-1]; None means a full pipeline."""
+    partial = bool(torch.rand(1, generator=generator) < 0.5)
+    fill = int(torch.randint(1, max(stages, 2), (1,), generator=generator))  # drawn every step: fixed RNG use
+    return fill if partial and stages > 1 else None
+
+
+def lr_schedule(total_steps: int):
+    """Linear warm-up over min(100, 10% of the run) steps, then linear decay to 0 at the last step."""
+    warmup = max(1, min(WARMUP_STEPS, total_steps // 10))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return factor
+
+
+# ====================================================================== checkpoints
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    pointer = out_dir / CHECKPOINT_DIR / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    path = out_dir / CHECKPOINT_DIR / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def save_checkpoint(out_dir: Path, step: int, pdm: PDM, state: dict) -> Path:
+    """Write the PDM (PDM.save) and the trainer state into a temporary directory, rename it into place, then
+    atomically repoint ``latest`` at it: an interruption at any moment leaves the previous checkpoint current
+    and no partial files (the temporary directory is removed on failure). Older checkpoints are then deleted."""
+    root = out_dir / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    try:
+        pdm.save(tmp)
+        torch.save(state, tmp / TRAINER_STATE_FILE)
+        final = root / name
+        if final.exists():  # left by a crash between its rename and the pointer update: never current
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_atomic(root / LATEST_FILE, name)
+    for stale in root.iterdir():
+        if stale.is_dir() and stale.name != name:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def _set_trainable(pdm: PDM, tensors: dict[str, torch.Tensor]) -> None:
+    """Replace the PDM's weights by float32 leaf tensors from ``tensors`` (keys as in ``PDM.state_dict``):
+    the optimiser's masters, whatever dtype the target runs in."""
+    device = pdm.target.device
+
+    def leaf(key: str) -> torch.Tensor:
+        return tensors[key].detach().to(device=device, dtype=torch.float32).clone().requires_grad_()
+
+    pdm.agg_weight = leaf("agg_weight")
+    pdm.tower.lm_head_weight = leaf("draft_head")
+    for i, layer in enumerate(pdm.tower.layers):
+        for name, value in vars(layer).items():
+            if value is not None:
+                setattr(layer, name, leaf(f"tower.{i}.{name}"))
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    state = {"sampler": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(generator: torch.Generator, state: dict) -> None:
+    generator.set_state(state["sampler"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _run_identity(options: TrainOptions, engine) -> dict:
+    identity = {k: v for k, v in asdict(options).items() if k not in RESUME_FREE}
+    identity.update(model=engine.model_spec, dtype=str(engine.model.dtype), device=engine.model.device.type)
+    return identity
+
+
+# ====================================================================== the run
+def _parse_anchors(anchors) -> list[int] | str:
+    if anchors == "auto" or isinstance(anchors, list):
+        return anchors
+    try:
+        return [int(a) for a in str(anchors).split(",")]
+    except ValueError as exc:
+        raise UserError(f"--anchors must be 'auto' or comma-separated layer counts like 0,8,16,24,29, "
+                        f"got '{anchors}'") from exc
+
+
+def _new_pdm(target, bounds, options: TrainOptions, data: TrainingData) -> PDM:
+    """A fresh PDM over the draft vocabulary chosen from the training data (and the target's predictions)."""
+    predicted = torch.empty(0, dtype=torch.long)
+    # Self-distilled answers are the target's own greedy predictions already: no scan needed.
+    if options.draft_vocab < target.config.vocab_size and not options.self_distill:
+        scan = data.train[: max(1, VOCAB_SCAN_TOKENS // options.seq_len)].to(target.device)
+        no_vocab = torch.empty(0, dtype=torch.long, device=target.device)
+        predicted = target_pass(target, scan, [0], no_vocab).argmax.cpu()
+    vocab = choose_draft_vocab(data.train, predicted, target.config.vocab_size, options.draft_vocab)
+    return PDM.create(target, bounds, _parse_anchors(options.anchors), options.tower_layers, vocab, seed=options.seed)
+
+
+def _size_report(pdm: PDM, out_dir: Path) -> dict:
+    target = pdm.target
+    target_tensors = {id(t): t for t in [target.embed_weight, target.norm_weight, target.lm_head_weight] +
+                      [w for layer in target.layers for w in vars(layer).values() if w is not None]}
+    parameters = sum(t.numel() for t in pdm.trainable())
+    return {"pdm_parameters": parameters,
+            "pdm_fraction_of_target": parameters / sum(t.numel() for t in target_tensors.values()),
+            "pdm_file_bytes": (out_dir / WEIGHTS_FILE).stat().st_size}
+
+
+def train_pdm(engine, options: TrainOptions, progress: bool = True) -> dict:
+    """Train (or, with ``options.resume``, continue training) a PDM for ``engine``'s model; returns the report
+    that is also written to ``<out>/train_report.json``. The final PDM is saved in ``<out>`` (``--pdm <out>``)."""
+    options.check()
+    _parse_anchors(options.anchors)  # a malformed list fails before any work
+    target = engine.model
+    out_dir = Path(options.out)
+    bounds = partition_layers(target.config.num_layers, options.stages, options.stage_layers)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = latest_checkpoint(out_dir) if options.resume else None
+    if options.resume and checkpoint is None:
+        print(f"spd-engine: no checkpoint in '{out_dir}', starting from scratch", file=sys.stderr)
+    identity = _run_identity(options, engine)
+    state = torch.load(checkpoint / TRAINER_STATE_FILE, weights_only=True) if checkpoint else None
+    if state is not None:
+        for key, value in identity.items():
+            if state["identity"].get(key) != value:
+                raise UserError(f"cannot resume from '{checkpoint}': it was trained with {key}="
+                                f"{state['identity'].get(key)!r}, this run asks for {value!r}")
+
+    data_started = time.perf_counter()
+    data = load_training_data(engine, options, progress)
+    data_seconds = time.perf_counter() - data_started
+    if state is not None and state["data_fingerprint"] != data.fingerprint:
+        raise UserError(f"cannot resume from '{checkpoint}': the training data changed since it was written")
+    total_steps = options.steps or math.ceil(options.epochs * len(data.train) / options.batch_size)
+
+    if state is None:
+        pdm = _new_pdm(target, bounds, options, data)
+        _set_trainable(pdm, pdm.state_dict())
+    else:
+        pdm = PDM.load(checkpoint, target, bounds)
+        _set_trainable(pdm, load_file(str(checkpoint / WEIGHTS_FILE)))
+    distiller = Distiller(target, pdm)
+    train_targets, val_targets = (TargetCache(target, pdm, sequences, options.target_cache_gb * 2**30)
+                                  for sequences in (data.train, data.val))
+
+    optimizer = torch.optim.AdamW(pdm.trainable(), lr=options.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(total_steps))
+    generator = torch.Generator().manual_seed(options.seed)
+    sampler = BatchSampler(len(data.train), options.batch_size, generator)
+    if state is None:
+        step, seconds, running = 0, 0.0, {"loss": None, "top1": None}
+        initial_val = distiller.validate(val_targets, options.batch_size)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["data_order"])
+        _restore_rng(generator, state["rng"])
+        step, seconds, running = state["step"], state["train_seconds"], state["running"]
+        initial_val = state["initial_val"]
+
+    def trainer_state() -> dict:
+        return {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "data_order": sampler.state_dict(), "rng": _rng_state(generator), "identity": identity,
+                "data_fingerprint": data.fingerprint, "train_seconds": seconds, "running": dict(running),
+                "initial_val": initial_val}
+
+    bar = tqdm(total=total_steps, initial=step, desc="train-pdm", unit="step", disable=not progress, file=sys.stderr)
+    while step < total_steps:
+        started = time.perf_counter()
+        outputs = train_targets.get(sampler.next().tolist())
+        loss, top1 = _train_step(distiller, optimizer, scheduler, outputs, pick_fill(generator, pdm.config.stages))
+        seconds += time.perf_counter() - started
+        step += 1
+        # Exponential moving averages for the bar and the report (the per-step values are noisy).
+        for key, value in (("loss", loss), ("top1", top1)):
+            running[key] = value if running[key] is None else 0.95 * running[key] + 0.05 * value
+        bar.update(1)
+        bar.set_postfix(loss=f"{running['loss']:.3f}", top1=f"{running['top1']:.3f}")
+        if step % options.checkpoint_every == 0 and step < total_steps:
+            save_checkpoint(out_dir, step, pdm, trainer_state())
+    bar.close()
+    if state is None or step > state["step"]:  # a run resumed at its end already has this checkpoint
+        save_checkpoint(out_dir, step, pdm, trainer_state())
+    pdm.save(out_dir)
+
+    report = {
+        "model": engine.model_spec, "device": str(target.device), "dtype": str(target.dtype).replace("torch.", ""),
+        "out": str(out_dir), "stages": pdm.config.stages, "stage_layers": [b - a for a, b in pdm.config.stage_bounds],
+        "anchors": pdm.config.anchors, "tower_layers": pdm.config.tower_layers,
+        "draft_vocab": pdm.config.draft_vocab_size, **_size_report(pdm, out_dir), "data": data.summary,
+        "steps": step, "batch_size": options.batch_size, "lr": options.lr,
+        "epochs": step * options.batch_size / len(data.train), "data_seconds": data_seconds, "train_seconds": seconds,
+        "target_cache": train_targets.keep, "train_loss": running["loss"], "train_top1": running["top1"],
+        "val_initial": initial_val, "val": distiller.validate(val_targets, options.batch_size),
+    }
+    _write_atomic(out_dir / REPORT_FILE, json.dumps(report, indent=1))
+    return report
+
+
+# ====================================================================== CLI
+def add_arguments(p) -> None:
+    from .cli import _add_model_args
+
+    _add_model_args(p)
+    p.add_argument("--stages", type=int, default=None, help="number of pipeline stages n")
+    p.add_argument("--stage-layers", default=None, help="explicit layers per stage, e.g. 8,8,7,7")
+    p.add_argument("--anchors", default="auto", help="'auto' or hidden-state indices, e.g. 0,8,16,24,29")
+    p.add_argument("--tower-layers", type=int, default=1, help="decoder layers in the PDM's tower (L_s)")
+    p.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary size K (capped at the model's)")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help=".txt (plain text; passages become prompts with --self-distill) or .jsonl chats "
+                        "({'messages': [...]} or {'turns': [...]})")
+    p.add_argument("--self-distill", action="store_true",
+                   help="train on the model's own greedy answers to the data's prompts (cached in --out)")
+    p.add_argument("--answer-tokens", type=int, default=256, help="answer length limit for --self-distill")
+    p.add_argument("--max-examples", type=int, default=None, help="use a seeded random subset of this many examples")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: from --epochs)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (linear warm-up, then linear decay)")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    p.add_argument("--out", required=True, help="output directory: final PDM, report, checkpoints, answers")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target-cache-gb", type=float, default=4.0,
+                   help="keep the frozen target's outputs in memory when the data fits in this many GiB "
+                        "(faster epochs after the first; 0 disables)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
+
+
+def run(args) -> int:
+    from .engine import Engine
+
+    options = TrainOptions(
+        data=args.data, out=args.out, stages=args.stages,
+        stage_layers=parse_stage_layers(args.stage_layers) if args.stage_layers else None,
+        anchors=args.anchors, tower_layers=args.tower_layers, draft_vocab=args.draft_vocab,
+        self_distill=args.self_distill, answer_tokens=args.answer_tokens, max_examples=args.max_examples,
+        seq_len=args.seq_len, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        val_fraction=args.val_fraction, checkpoint_every=args.checkpoint_every, resume=args.resume, seed=args.seed,
+        target_cache_gb=args.target_cache_gb)
+    options.check()  # before loading the model: a bad flag fails fast
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    report = train_pdm(engine, options)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    val = report["val"]
+    print(f"trained {report['steps']} steps in {report['train_seconds']:.0f}s: train loss {report['train_loss']:.3f}, "
+          f"top-1 {report['train_top1']:.3f}")
+    if val is not None:
+        print(f"validation: top-1 {val['top1']:.3f} | simulated acceptance {val['simulated_acceptance']:.3f} | "
+              f"simulated accept length {val['simulated_accept_length']:.2f} (n={report['stages']})")
+    print(f"PDM ({report['pdm_parameters'] / 1e6:.2f}M parameters) saved in {report['out']}; "
+          f"use --pdm {report['out']}")
+    return 0
