@@ -32,8 +32,8 @@ def _aggregate_features_kernel(
     n_valid = offs_n < hidden
     offs_k = tl.arange(0, BLOCK_K)
     slot = tl.load(ROW_SLOTS + row).to(tl.int64)
-    row_type = tl.load(ROW_TYPES + row).to(tl.int64)
-    first_column = hidden * row_type * (row_type + 1) // 2
+    row_type = tl.load(ROW_TYPES + row).to(tl.int32)
+    first_column = (row_type * (row_type + 1) // 2).to(tl.int64) * hidden
     weight_rows = WEIGHT + offs_n[:, None].to(tl.int64) * stride_weight
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for j in range(0, row_type + 1):

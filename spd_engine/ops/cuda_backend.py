@@ -6,7 +6,9 @@ the torch build; this module turns tensors into those arguments. Each op is regi
 one opaque op, and every launch goes to ``torch.cuda.current_stream()`` so it lands in a graph being captured.
 
 ``swiglu_mlp`` has no CUDA-C kernel: it delegates to the Triton kernel (fused gate/up GEMV + SiLU·mul, then
-cuBLAS for the down projection) and to the torch reference where Triton is missing.
+cuBLAS for the down projection) and to the torch reference where Triton is missing. Inputs outside what
+the CUDA kernels implement (float64, unusual head dims) take the same Triton-then-torch path, so
+``backend="auto"`` never fails on a valid input.
 
 Importing this module without the built extension raises ImportError, which makes dispatch fall back.
 """
@@ -30,8 +32,10 @@ from kernels.split_kv import cdiv, plan_splits
 from . import reference
 
 try:
+    from kernels.attention import attention_with_kvcache as _attention_fallback
     from kernels.swiglu import swiglu_mlp as _swiglu_mlp
-except ImportError:  # no Triton: the torch reference (cuBLAS) is the next best
+except ImportError:  # no Triton: the torch reference is the next best
+    _attention_fallback = reference.attention_with_kvcache
     _swiglu_mlp = reference.swiglu_mlp
 
 # Must match spd::DType in csrc/ops.h.
@@ -223,9 +227,21 @@ def _(anchors, weight_cat, row_slots, row_types):
     return anchors.new_empty((row_slots.shape[0], anchors.shape[2]))
 
 
+def _kernel_dtypes(*tensors) -> bool:
+    return all(t is None or t.dtype in DTYPE_CODES for t in tensors)
+
+
 def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=None, rotary_sin=None,
                            softmax_scale=None, causal=True):
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    """Inputs the CUDA kernel does not cover (float64, head_dim other than 64/128, caches whose rows are not
+    16-byte aligned) go to the Triton kernel, or the torch reference without Triton."""
+    head_dim = q.shape[-1]
+    vector = 16 // q.element_size()
+    aligned = all(c.data_ptr() % 16 == 0 and all(s % vector == 0 for s in _strides3(c)) for c in (k_cache, v_cache))
+    if not (_kernel_dtypes(q, rotary_cos) and head_dim in (64, 128) and aligned):
+        return _attention_fallback(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, softmax_scale,
+                                   causal)
+    scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
     return _attention_op(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, float(scale),
                          bool(causal))
 
@@ -236,6 +252,8 @@ def append_kv_cache(k_cache, v_cache, k, v, cache_seqlens, rotary_cos=None, rota
 
 
 def rms_norm(x, weight, eps, residual=None):
+    if not (_kernel_dtypes(x) and weight.dtype in (x.dtype, torch.float32)):
+        return reference.rms_norm(x, weight, eps, residual)
     if residual is None:
         return _rms_norm_op(x, weight, float(eps)), x
     return _fused_add_rms_norm_op(x, residual, weight, float(eps))
@@ -246,4 +264,6 @@ def swiglu_mlp(x, gate_up_weight, down_weight):
 
 
 def aggregate_features(anchors, weight_cat, row_slots, row_types):
+    if not _kernel_dtypes(anchors):
+        return reference.aggregate_features(anchors, weight_cat, row_slots, row_types)
     return _aggregate_features_op(anchors, weight_cat, row_slots, row_types)

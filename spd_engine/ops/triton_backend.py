@@ -1,28 +1,41 @@
 """Triton backend of the op API: the kernels in kernels/, behind the reference signatures.
 
-Importing this module imports Triton; on a machine without it the ImportError makes dispatch fall back.
+The kernels cover float32/float16/bfloat16 (and head dims that are powers of two in [32, 256] for
+attention); anything else, e.g. float64, runs the torch reference. Importing this module imports Triton;
+on a machine without it the ImportError makes dispatch fall back.
 """
 from __future__ import annotations
+
+import torch
 
 from kernels import aggregate as _aggregate
 from kernels import attention as _attention
 from kernels import rms_norm as _rms_norm
 from kernels import swiglu as _swiglu
 
+from . import reference
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 
 def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=None, rotary_sin=None,
                            softmax_scale=None, causal=True):
-    return _attention.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin,
-                                             softmax_scale, causal)
+    head_dim = q.shape[-1]
+    kernel = q.dtype in KERNEL_DTYPES and 32 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+    impl = _attention.attention_with_kvcache if kernel else reference.attention_with_kvcache
+    return impl(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, softmax_scale, causal)
 
 
 def rms_norm(x, weight, eps, residual=None):
-    return _rms_norm.rms_norm(x, weight, eps, residual)
+    impl = _rms_norm.rms_norm if x.dtype in KERNEL_DTYPES else reference.rms_norm
+    return impl(x, weight, eps, residual)
 
 
 def swiglu_mlp(x, gate_up_weight, down_weight):
-    return _swiglu.swiglu_mlp(x, gate_up_weight, down_weight)
+    impl = _swiglu.swiglu_mlp if x.dtype in KERNEL_DTYPES else reference.swiglu_mlp
+    return impl(x, gate_up_weight, down_weight)
 
 
 def aggregate_features(anchors, weight_cat, row_slots, row_types):
-    return _aggregate.aggregate_features(anchors, weight_cat, row_slots, row_types)
+    impl = _aggregate.aggregate_features if anchors.dtype in KERNEL_DTYPES else reference.aggregate_features
+    return impl(anchors, weight_cat, row_slots, row_types)
