@@ -70,10 +70,14 @@ NAIVE_ERROR_FACTOR = 3.0
 
 
 def backend_params(*backends: str):
-    """pytest params for the given backends; 'cuda' carries the gpu marker and skips without a GPU."""
+    """pytest params for the given backends: 'cuda' carries the gpu marker and skips without a GPU; a backend
+    that is not installed (no Triton, extension not built) skips instead of failing."""
+    from spd_engine import ops
+
     params = []
     for backend in backends:
         marks = [pytest.mark.gpu, requires_cuda] if backend == "cuda" else []
+        marks.append(pytest.mark.skipif(not ops.available(backend), reason=f"backend '{backend}' is not installed"))
         params.append(pytest.param(backend, marks=marks, id=backend))
     return params
 
