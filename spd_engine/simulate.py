@@ -78,7 +78,8 @@ class StepTimes:
     argmax: vanilla's per-token tail), ``verify_ms`` (the SPD controller after the stages: verify, then
     resolve's commit/flush and the next token's embedding), ``pdm_ms`` (the draft step; a number, or
     {"n": ms} per stage count, as it grows with n), ``hidden_size`` and ``dtype_bytes`` (message sizes), and
-    free-form ``device`` / ``model`` / ``source`` strings.
+    free-form ``device`` / ``model`` / ``source`` strings. A file may also hold them under "step_times", as the
+    ``simulate --json`` output does.
     """
     layer_ms: list[float]
     head_ms: float
@@ -111,6 +112,7 @@ class StepTimes:
             raise UserError(f"step-times file '{path}' does not exist")
         try:
             raw = json.loads(path.read_text())
+            raw = raw.get("step_times", raw)  # a `simulate --json` output or a bench record holds them here
             pdm = raw["pdm_ms"]
             times = cls(layer_ms=[float(t) for t in raw["layer_ms"]], head_ms=float(raw["head_ms"]),
                         verify_ms=float(raw["verify_ms"]),
