@@ -46,7 +46,7 @@ class KVCache:
 
     def advance(self, start: int, end: int, count) -> None:
         """Layers [start, end) have appended ``count`` entries (an int or a device tensor)."""
-        self.lengths[start:end] += count
+        self.lengths[start:end].add_(count)  # in place on the view: one kernel, no copy-back
 
     def set_lengths(self, length, start: int = 0, end: int | None = None) -> None:
         """Place the next append of layers [start, end) at ``length`` (int or device tensor)."""
