@@ -30,6 +30,7 @@ outlives the timeout anyway, so a run never hangs. The configuration is agreed b
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -432,7 +433,8 @@ def agree(links: Links, rank: int, mine: dict) -> list[dict]:
 
 def run_distributed_generate(args) -> int:
     """``generate --distributed`` on this rank: agree on the configuration, then drive (rank 0) or serve a
-    stage. User mistakes raise UserError on every rank; a lost peer prints one line and returns 1.
+    stage. User mistakes raise UserError on every rank. A lost peer prints one line and ends the process with
+    status 1 at once: a broken process group cannot be torn down, its threads abort the interpreter's exit.
 
     ``args`` is the ``generate`` namespace; ``dist_timeout`` (registered by :func:`add_arguments`) is
     DEFAULT_TIMEOUT_S when the caller's parser does not define it."""
@@ -445,20 +447,36 @@ def run_distributed_generate(args) -> int:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = pick_device(args.device)
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        ranks_here, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
+        if ranks_here > gpus:  # NCCL needs one GPU per rank
+            raise UserError(f"{ranks_here} ranks on this machine need {ranks_here} GPUs, but it has {gpus}")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     links = Links(rank, timeout_s, device)
     try:
         with links.waiting("meeting the other ranks"):
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
-        try:
+        with joined_group():
             _run_rank(args, links, rank, world_size, device)
-        finally:
-            dist.destroy_process_group()
     except PipelineBroken as exc:
         print(f"spd-engine: error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_PIPELINE_BROKEN
+        sys.stdout.flush()
+        os._exit(EXIT_PIPELINE_BROKEN)
     return 0
+
+
+@contextmanager
+def joined_group():
+    """Leave the process group at the end, unless a peer broke: leaving would then wait on the lost rank."""
+    broken = False
+    try:
+        yield
+    except PipelineBroken:
+        broken = True
+        raise
+    finally:
+        if not broken:
+            dist.destroy_process_group()
 
 
 def _run_rank(args, links: Links, rank: int, world_size: int, device: torch.device) -> None:
@@ -503,10 +521,7 @@ def _drive(args, links: Links, layout: Layout, plan: Plan, setup: ControllerSetu
     capacity = cache_capacity(len(setup.prompt_ids), args.max_new_tokens, extra=n + 2)
     local = StageRunner(engine.model, 0, plan.bounds[0], anchor_layers[0], capacity) if layout.hosted else None
     state = ControllerState(engine.model, setup.pdm, capacity, setup.params, layout, links, local)
-    on_tokens = None
-    if not args.json:
-        streamer = StreamDecoder(engine.tokenizer)
-        on_tokens = lambda ids: (sys.stdout.write(streamer.push(ids)), sys.stdout.flush())  # noqa: E731
+    on_tokens = None if args.json else _text_stream(engine.tokenizer)
     result = run_spd(state, setup.prompt_ids, args.max_new_tokens, engine.eos_ids, on_tokens)
     links.settle()
     links.broadcast_control(STOP)
@@ -515,10 +530,19 @@ def _drive(args, links: Links, layout: Layout, plan: Plan, setup: ControllerSetu
     _print_result(args, engine.tokenizer.decode(result.token_ids), result.token_ids, result.prompt_ids, stats)
 
 
+def _text_stream(tokenizer):
+    """Rank 0 prints the text as tokens are committed, as single-process ``generate`` does."""
+    decoder = StreamDecoder(tokenizer)
+
+    def on_tokens(ids: list[int]) -> None:
+        sys.stdout.write(decoder.push(ids))
+        sys.stdout.flush()
+
+    return on_tokens
+
+
 def _print_result(args, text: str, token_ids: list[int], prompt_ids: list[int], stats: dict) -> None:
     """The single-process ``generate`` output: one JSON object, or the streamed text plus a summary line."""
-    import json
-
     if args.json:
         print(json.dumps({"text": text, "token_ids": token_ids, "prompt_ids": prompt_ids, "stats": stats}))
         return
