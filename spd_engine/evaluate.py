@@ -117,8 +117,9 @@ def evaluate(engine, datasets: list[str], *, pdm=None, stages: int | None = None
     n = draft.config.stages
     encoded = {path: [engine.encode_prompt(q["prompt"], chat=True) for q in questions]
                for path, questions in question_sets.items()}
-    for ids in (ids for prompts in encoded.values() for ids in prompts):
-        engine.check_length(len(ids), max_new_tokens)
+    for prompts in encoded.values():
+        for ids in prompts:
+            engine.check_length(len(ids), max_new_tokens)
     first = next(iter(encoded.values()))[0]
     evaluate_prompt(engine, draft, first, min(WARMUP_TOKENS, max_new_tokens), params)
 

@@ -182,7 +182,7 @@ def test_self_distilled_answers_are_cached(engine, trained, prompts_file, monkey
     out, _ = trained
     lines = (out / train.ANSWERS_FILE).read_text().splitlines()
     assert len(lines) == 24
-    monkeypatch.setattr(Engine, "generate", lambda *a, **k: pytest.fail("an answer was regenerated"))
+    monkeypatch.setattr(train, "generate_greedy_batch", lambda *a, **k: pytest.fail("an answer was regenerated"))
     data = train.load_training_data(engine, small(out, prompts_file, self_distill=True, answer_tokens=48,
                                                   seq_len=64), progress=False)
     assert data.summary["examples"] == 24 and len(data.train) > 0
