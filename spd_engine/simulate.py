@@ -7,13 +7,15 @@ Inputs:
 
 * Acceptance: the per-prompt verification traces ('A'/'R', one per verification) of an ``spd-engine eval
   --out`` report, or a synthetic i.i.d. trace with per-draft acceptance p.
-* Step times in ms (see :class:`StepTimes`): per target layer, the head, the PDM's draft step and the
-  controller's verify + resolve; read from a JSON file (a GPU benchmark writes the same fields), or measured
-  here with the real model through ``forward_layers`` and the SPD cycle's own pieces.
+* Step times in ms (see :class:`StepTimes`): per target layer (or per stage of a given split), the head,
+  the PDM's draft step and the controller's verify + resolve; read from a JSON file (a GPU benchmark writes
+  the same fields), or measured here with the real model through ``forward_layers`` and the SPD cycle's own
+  pieces.
 * A link: each message costs latency + bytes / bandwidth; presets nvlink, pcie, ethernet and free.
 
 Cycle counts come from replaying each trace through the engine's own schedule (``count_cycles``), so at the
-recorded n they equal the engine's measured cycles exactly. The cycle time follows the schedule of
+recorded n they equal the engine's measured cycles exactly; replaying one run's trace at another n assumes a
+draft's acceptance does not depend on n. The cycle time follows the schedule of
 :mod:`spd_engine.runtime.distributed` (fixed shapes: every cycle costs the same):
 
 * dedicated (n + 1 devices): max(PDM draft, slowest stage path) + verify/resolve, where a stage's path is the
@@ -79,7 +81,9 @@ class StepTimes:
     resolve's commit/flush and the next token's embedding), ``pdm_ms`` (the draft step; a number, or
     {"n": ms} per stage count, as it grows with n), ``hidden_size`` and ``dtype_bytes`` (message sizes), and
     free-form ``device`` / ``model`` / ``source`` strings. A file may also hold them under "step_times", as the
-    ``simulate --json`` output does.
+    ``simulate --json`` output does. Optional ``stage_ms`` ({"n": [ms per stage]}) gives measured stage times
+    for the even split into n stages, in place of sums of layer times (a fused or graphed stage costs less
+    than its layers one by one).
     """
     layer_ms: list[float]
     head_ms: float
@@ -90,6 +94,7 @@ class StepTimes:
     device: str = ""
     model: str = ""
     source: str = ""
+    stage_ms: dict[int, list[float]] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -101,6 +106,14 @@ class StepTimes:
         if stages not in self.pdm_ms:
             raise UserError(f"the step times give the PDM's time for n in {sorted(self.pdm_ms)}, not for n={stages}")
         return self.pdm_ms[stages]
+
+    def stage_times_ms(self, stage_bounds: list[tuple[int, int]]) -> list[float]:
+        measured = self.stage_ms.get(len(stage_bounds))
+        if measured is not None:
+            if len(measured) != len(stage_bounds):
+                raise UserError(f"stage_ms for n={len(stage_bounds)} lists {len(measured)} stages")
+            return measured
+        return [sum(self.layer_ms[a:e]) for a, e in stage_bounds]
 
     def vanilla_token_ms(self) -> float:
         return sum(self.layer_ms) + self.head_ms
@@ -119,7 +132,8 @@ class StepTimes:
                         pdm_ms={int(n): float(t) for n, t in pdm.items()} if isinstance(pdm, dict) else float(pdm),
                         hidden_size=int(raw["hidden_size"]), dtype_bytes=int(raw.get("dtype_bytes", 2)),
                         device=str(raw.get("device", "")), model=str(raw.get("model", "")),
-                        source=str(raw.get("source", path)))
+                        source=str(raw.get("source", path)),
+                        stage_ms={int(n): [float(t) for t in ts] for n, ts in raw.get("stage_ms", {}).items()})
         except json.JSONDecodeError as exc:
             raise UserError(f"step-times file '{path}' is not valid JSON: {exc}") from exc
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -328,7 +342,7 @@ def cycle_ms(times: StepTimes, link: Link, stage_bounds: list[tuple[int, int]], 
     control message and its input, runs its layers and returns its anchors (and stage n its output) to the
     controller, which drafts meanwhile and then verifies and resolves."""
     n, H, b = len(stage_bounds), times.hidden_size, times.dtype_bytes
-    stage_ms = [sum(times.layer_ms[a:e]) for a, e in stage_bounds]
+    stage_ms = times.stage_times_ms(stage_bounds)
     returned_rows = [len(rows) for rows in stage_anchor_layers(auto_anchors(times.num_layers, n), stage_bounds)]
     returned_rows[-1] += 1  # stage n's output
     arrive = link.message_ms(CONTROL_BYTES) + link.message_ms(H * b)

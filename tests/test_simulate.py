@@ -80,6 +80,8 @@ def test_cycle_time_follows_the_distributed_schedule():
     bounds = partition_layers(2, 2)
     assert cycle_ms(times, link, bounds, "dedicated") == (pytest.approx(1.0 + 3 * 0.01 + 0.1), 1.0)
     assert cycle_ms(times, link, bounds, "hosted") == (pytest.approx(0.5 + 1.0 + 0.1), 1.0)
+    times.stage_ms = {2: [2.0, 0.5]}  # measured per stage: replaces the sums of layer times
+    assert cycle_ms(times, link, bounds, "dedicated") == (pytest.approx(2.0 + 3 * 0.01 + 0.1), 2.0)
 
 
 def test_link_latency_lowers_the_predicted_speedup():
@@ -97,12 +99,15 @@ def run_cli(capsys, *args):
 
 
 def test_simulate_command_json_and_plot(tmp_path, capsys):
-    times = uniform_times(6, layer_ms=0.5, pdm_ms=0.4, head_ms=0.3, verify_ms=0.3).to_json(tmp_path / "t.json")
+    times = uniform_times(6, layer_ms=0.5, pdm_ms=0.4, head_ms=0.3, verify_ms=0.3)
+    times.stage_ms = {3: [1.0, 1.0, 1.2]}
+    times = times.to_json(tmp_path / "t.json")
     code, out, _ = run_cli(capsys, "simulate", "--acceptance", 0.8, "--times", times, "--stages", "2-4",
                            "--link", "ethernet", "--plot", tmp_path / "s.png", "--json")
     assert code == 0
     payload = json.loads(out)
     assert [p["stages"] for p in payload["predictions"]] == [2, 3, 4]
+    assert [p["slowest_stage_ms"] for p in payload["predictions"]] == [1.5, 1.2, 1.0]
     assert payload["link"]["name"] == "ethernet"
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
