@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     gen.add_argument("--distributed", action="store_true", help="run under torchrun, one rank per stage")
+    importlib.import_module("spd_engine.runtime.distributed").add_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
     conv = sub.add_parser("convert-gguf", help="convert a Llama-family GGUF file to a HF safetensors directory")
