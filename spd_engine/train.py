@@ -60,8 +60,11 @@ GRAD_CLIP = 1.0
 VOCAB_SCAN_TOKENS = 16384
 # Prompts answered together: one GEMM per weight per step instead of one GEMV per prompt, small caches.
 SELF_DISTILL_BATCH = 16
-# A .txt file under --self-distill becomes prompts: passages of about this many words under one of these asks.
-PASSAGE_WORDS = (80, 200)
+# A .txt file is cut at blank lines into passages of at least this many words: the unit of sampling and of the
+# train / validation split. Under --self-distill each passage, cut to at most PROMPT_WORDS words, becomes a
+# prompt under one of these asks.
+PASSAGE_WORDS = 80
+PROMPT_WORDS = 200
 PASSAGE_INSTRUCTIONS = ("Continue this passage.", "Summarise this passage.",
                         "Explain in plain words what happens in this passage.")
 
@@ -141,17 +144,19 @@ def _read_jsonl(path: Path) -> list[list[dict]]:
     return chats
 
 
-def passages(text: str, min_words: int = PASSAGE_WORDS[0], max_words: int = PASSAGE_WORDS[1]) -> list[str]:
-    """Blank-line paragraphs joined until at least ``min_words`` words, each cut at ``max_words`` words."""
-    out, current = [], []
+def passages(text: str, min_words: int = PASSAGE_WORDS) -> list[str]:
+    """The text cut at blank lines into verbatim pieces of at least ``min_words`` words (the last may be
+    shorter); joined back together they give the text again."""
+    pieces, current, words = [], [], 0
     for paragraph in text.split("\n\n"):
-        current += paragraph.split()
-        if len(current) >= min_words:
-            out.append(" ".join(current[:max_words]))
-            current = []
-    if current:
-        out.append(" ".join(current[:max_words]))
-    return out
+        current.append(paragraph)
+        words += len(paragraph.split())
+        if words >= min_words:
+            pieces.append("\n\n".join(current) + "\n\n")
+            current, words = [], 0
+    if current and "".join(current).strip():
+        pieces.append("\n\n".join(current))
+    return pieces
 
 
 def _first_user_turn(messages: list[dict]) -> list[dict] | None:
@@ -163,15 +168,15 @@ def _first_user_turn(messages: list[dict]) -> list[dict] | None:
 
 
 def _examples(path: Path, self_distill: bool) -> list:
-    """One file's examples: chats (lists of messages) to render, or a str of raw text to tokenize as is."""
+    """One file's examples: chats (lists of messages) to render, or passages of raw text to tokenize as is."""
     if not path.is_file():
         raise UserError(f"data file '{path}' does not exist")
     if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8", errors="replace")
+        pieces = passages(path.read_text(encoding="utf-8", errors="replace"))
         if not self_distill:
-            return [text] if text.strip() else []
-        return [[{"role": "user", "content": f"{PASSAGE_INSTRUCTIONS[i % len(PASSAGE_INSTRUCTIONS)]}\n\n{passage}"}]
-                for i, passage in enumerate(passages(text))]
+            return pieces
+        return [[{"role": "user", "content": PASSAGE_INSTRUCTIONS[i % len(PASSAGE_INSTRUCTIONS)] + "\n\n" +
+                  " ".join(piece.split()[:PROMPT_WORDS])}] for i, piece in enumerate(pieces)]
     if path.suffix == ".jsonl":
         chats = _read_jsonl(path)
         return [p for p in map(_first_user_turn, chats) if p] if self_distill else chats
@@ -205,10 +210,10 @@ class AnswerCache:
 
 
 def self_distill(engine, prompts: list[list[int]], answer_tokens: int, cache: AnswerCache,
-                 progress: bool = True) -> tuple[list[list[int]], int]:
-    """prompt + the target's own greedy answer for each prompt that fits the context. Missing answers are made
-    ``SELF_DISTILL_BATCH`` prompts at a time by batched greedy decoding. Returns (token streams, prompts
-    skipped for length)."""
+                 progress: bool = True) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """(prompt, the target's own greedy answer) for each prompt that fits the context. Missing answers are made
+    ``SELF_DISTILL_BATCH`` prompts at a time by batched greedy decoding. Returns (pairs, prompts skipped for
+    length)."""
     limit = engine.model.config.max_position_embeddings
     fitting = [ids for ids in prompts if len(ids) + answer_tokens <= limit]
     keys = [cache.key(ids, answer_tokens) for ids in fitting]
@@ -220,13 +225,14 @@ def self_distill(engine, prompts: list[list[int]], answer_tokens: int, cache: An
             for (key, _), answer in zip(batch, answers):
                 cache.add(key, answer)
             bar.update(len(batch))
-    return [ids + cache.answers[key] for ids, key in zip(fitting, keys)], len(prompts) - len(fitting)
+    return [(ids, cache.answers[key]) for ids, key in zip(fitting, keys)], len(prompts) - len(fitting)
 
 
 @dataclass
 class TrainingData:
     train: torch.Tensor  # (N, T) int64
     val: torch.Tensor  # (M, T) int64
+    val_answers: torch.Tensor | None = None  # (M, T) bool: the token is a self-distilled answer's
     summary: dict = field(default_factory=dict)
 
     @property
@@ -237,9 +243,11 @@ class TrainingData:
 
 
 def load_training_data(engine, options: TrainOptions, progress: bool = True) -> TrainingData:
-    """Read, render (and self-distill), pack into ``seq_len`` sequences and split train / validation.
+    """Read, render (and self-distill), split train / validation and pack each into ``seq_len`` sequences.
 
-    ``--max-examples`` keeps a seeded random subset of the examples (prompts, chats or text files), in order.
+    Examples are passages of text files, chats, or prompts with their answers. ``--max-examples`` keeps a
+    seeded random subset of them, in order. The split is by whole examples drawn at random until validation
+    holds max(one sequence, ``val_fraction`` of the tokens), so no validation text is ever trained on.
     """
     tokenizer = engine.tokenizer
     examples = [example for path in options.data for example in _examples(Path(path), options.self_distill)]
@@ -257,24 +265,41 @@ def load_training_data(engine, options: TrainOptions, progress: bool = True) -> 
     if options.self_distill:
         prompts = [render(chat, True) for chat in examples]
         cache = AnswerCache(Path(options.out) / ANSWERS_FILE, engine.model_spec)
-        streams, skipped = self_distill(engine, prompts, options.answer_tokens, cache, progress)
+        pairs, skipped = self_distill(engine, prompts, options.answer_tokens, cache, progress)
         summary.update(skipped_prompts=skipped, answer_tokens=options.answer_tokens)
+        streams = [prompt + answer for prompt, answer in pairs]
+        is_answer = [[False] * len(prompt) + [True] * len(answer) for prompt, answer in pairs]
     else:
         streams = [render(example, False) for example in examples]
-    stream = [token for ids in streams for token in ids]
-    if not stream:
+        is_answer = None
+    tokens = sum(map(len, streams))
+    if tokens == 0:
         raise UserError(f"no training text in {', '.join(options.data)}")
     T = options.seq_len
-    if len(stream) < T * (2 if options.val_fraction > 0 else 1):
-        raise UserError(f"the data has {len(stream)} tokens: too few for --seq-len {T} "
-                        f"(need one training{' and one validation' if options.val_fraction > 0 else ''} sequence)")
-    sequences = torch.tensor(stream[: len(stream) // T * T], dtype=torch.long).view(-1, T)
-    order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(options.seed))
-    n_val = 0 if options.val_fraction == 0 else min(len(sequences) - 1,
-                                                     max(1, round(len(sequences) * options.val_fraction)))
-    val, train = sequences[order[:n_val]], sequences[order[n_val:]]
-    summary.update(tokens=len(stream), seq_len=T, train_sequences=len(train), val_sequences=len(val))
-    return TrainingData(train, val, summary)
+
+    val_ids, val_tokens = set(), 0
+    if options.val_fraction > 0:
+        for i in torch.randperm(len(streams), generator=torch.Generator().manual_seed(options.seed)).tolist():
+            if val_tokens >= max(T, options.val_fraction * tokens):
+                break
+            val_ids.add(i)
+            val_tokens += len(streams[i])
+
+    def pack(ids: list[int], rows: list[list], dtype: torch.dtype) -> torch.Tensor:
+        flat = [value for i in ids for value in rows[i]]
+        return torch.tensor(flat[: len(flat) // T * T], dtype=dtype).view(-1, T)
+
+    train_ids = [i for i in range(len(streams)) if i not in val_ids]
+    val_ids = sorted(val_ids)
+    train, val = pack(train_ids, streams, torch.long), pack(val_ids, streams, torch.long)
+    if len(train) == 0 or (options.val_fraction > 0 and len(val) == 0):
+        raise UserError(f"the data ({tokens} tokens in {len(streams)} examples) is too little for --seq-len {T}: "
+                        "it must fill a training sequence and, with --val-fraction > 0, a validation sequence "
+                        "of other whole examples")
+    val_answers = pack(val_ids, is_answer, torch.bool) if is_answer is not None else None
+    summary.update(tokens=tokens, seq_len=T, train_sequences=len(train), val_sequences=len(val),
+                   val_examples=len(val_ids))
+    return TrainingData(train, val, val_answers, summary)
 
 
 def choose_draft_vocab(sequences: torch.Tensor, predicted: torch.Tensor, vocab_size: int, size: int) -> torch.Tensor:
@@ -436,7 +461,7 @@ class Distiller:
         return loss, matches, in_vocab
 
     @torch.no_grad()
-    def validate(self, targets: TargetCache, batch_size: int) -> dict | None:
+    def validate(self, targets: TargetCache, batch_size: int, answers: torch.Tensor | None = None) -> dict | None:
         """Validation under the exact inference staircase with a full pipeline (fill n):
 
         * ``loss``: the training loss (mean KL over in-vocabulary positions);
@@ -445,24 +470,34 @@ class Distiller:
         * ``simulated_acceptance``: the same agreement over *all* positions, out-of-vocabulary targets counted
           as misses: the predicted per-draft greedy acceptance rate p of a full pipeline on this text;
         * ``simulated_accept_length``: n / (1 + (n-1)(1-p)), DESIGN.md's equivalent accept length for p.
+
+        ``answers`` (M, T) marks the positions holding self-distilled answer tokens; ``answers`` in the result
+        repeats the agreement figures over those positions only. Their drafts are the ones SPD makes while it
+        generates, so that is the closer prediction of measured acceptance (prompt text scores differently).
         """
         if len(targets) == 0:
             return None
-        loss_sum = hits = in_vocab_hits = in_vocab_count = positions = 0.0
+        loss_sum, matches, in_vocab = 0.0, [], []
         for start in range(0, len(targets), batch_size):
             outputs = targets.get(list(range(start, min(start + batch_size, len(targets)))))
-            loss, matches, in_vocab = self.loss_and_matches(self.draft_logits(outputs.anchors), outputs)
-            count = float(in_vocab.sum())
-            loss_sum += float(loss) * count
-            in_vocab_count += count
-            in_vocab_hits += float((matches & in_vocab).sum())
-            hits += float(matches.sum())
-            positions += matches.numel()
+            loss, batch_matches, batch_in_vocab = self.loss_and_matches(self.draft_logits(outputs.anchors), outputs)
+            loss_sum += float(loss) * float(batch_in_vocab.sum())
+            matches.append(batch_matches.cpu())
+            in_vocab.append(batch_in_vocab.cpu())
+        matches, in_vocab = torch.cat(matches), torch.cat(in_vocab)
+        report = {"loss": loss_sum / max(int(in_vocab.sum()), 1),
+                  **self._agreement(matches, in_vocab, torch.ones_like(matches))}
+        if answers is not None:
+            report["answers"] = self._agreement(matches, in_vocab, answers)
+        return report
+
+    def _agreement(self, matches: torch.Tensor, in_vocab: torch.Tensor, where: torch.Tensor) -> dict:
+        positions, counted = int(where.sum()), in_vocab & where
+        p = float((matches & where).sum()) / max(positions, 1)
         n = self.pdm.config.stages
-        p = hits / positions
-        return {"loss": loss_sum / max(in_vocab_count, 1), "top1": in_vocab_hits / max(in_vocab_count, 1),
+        return {"top1": float((matches & counted).sum()) / max(int(counted.sum()), 1),
                 "simulated_acceptance": p, "simulated_accept_length": n / (1 + (n - 1) * (1 - p)),
-                "in_vocab_fraction": in_vocab_count / positions, "positions": int(positions)}
+                "in_vocab_fraction": int(counted.sum()) / max(positions, 1), "positions": positions}
 
 
 def _train_step(distiller: Distiller, optimizer, scheduler, outputs: TargetOutputs, fill: int | None):
@@ -678,7 +713,7 @@ def train_pdm(engine, options: TrainOptions, progress: bool = True) -> dict:
     sampler = BatchSampler(len(data.train), options.batch_size, generator)
     if state is None:
         step, seconds, running = 0, 0.0, {"loss": None, "top1": None}
-        initial_val = distiller.validate(val_targets, options.batch_size)
+        initial_val = distiller.validate(val_targets, options.batch_size, data.val_answers)
     else:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -720,7 +755,7 @@ def train_pdm(engine, options: TrainOptions, progress: bool = True) -> dict:
         "steps": step, "batch_size": options.batch_size, "lr": options.lr,
         "epochs": step * options.batch_size / len(data.train), "data_seconds": data_seconds, "train_seconds": seconds,
         "target_cache": train_targets.keep, "train_loss": running["loss"], "train_top1": running["top1"],
-        "val_initial": initial_val, "val": distiller.validate(val_targets, options.batch_size),
+        "val_initial": initial_val, "val": distiller.validate(val_targets, options.batch_size, data.val_answers),
     }
     _write_atomic(out_dir / REPORT_FILE, json.dumps(report, indent=1))
     return report
@@ -782,6 +817,11 @@ def run(args) -> int:
     if val is not None:
         print(f"validation: top-1 {val['top1']:.3f} | simulated acceptance {val['simulated_acceptance']:.3f} | "
               f"simulated accept length {val['simulated_accept_length']:.2f} (n={report['stages']})")
+        if "answers" in val:
+            answers = val["answers"]
+            print(f"  on answer tokens only: top-1 {answers['top1']:.3f} | simulated acceptance "
+                  f"{answers['simulated_acceptance']:.3f} | simulated accept length "
+                  f"{answers['simulated_accept_length']:.2f}")
     print(f"PDM ({report['pdm_parameters'] / 1e6:.2f}M parameters) saved in {report['out']}; "
           f"use --pdm {report['out']}")
     return 0

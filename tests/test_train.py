@@ -163,6 +163,8 @@ def test_training_lowers_loss_and_raises_acceptance(engine, trained):
     assert report["val"]["loss"] < 0.6 * report["val_initial"]["loss"]
     assert report["val"]["top1"] > report["val_initial"]["top1"] + 0.1
     assert report["steps"] == 150 and report["draft_vocab"] == 128
+    answers = report["val"]["answers"]  # self-distilled: the answer tokens' own figures too
+    assert 0 < answers["positions"] < report["val"]["positions"] and answers["top1"] > 0.1
     assert json.loads((out / REPORT_FILE).read_text())["val"] == report["val"]
     # Real SPD on prompts it never saw: the trained PDM (loaded like --pdm DIR) beats an untrained one.
     rates = {}
@@ -186,6 +188,15 @@ def test_self_distilled_answers_are_cached(engine, trained, prompts_file, monkey
     data = train.load_training_data(engine, small(out, prompts_file, self_distill=True, answer_tokens=48,
                                                   seq_len=64), progress=False)
     assert data.summary["examples"] == 24 and len(data.train) > 0
+
+
+def test_answer_positions_are_marked_for_validation(engine, prompts_file, tmp_path, monkeypatch):
+    answer = [250, 251, 252, 2]  # bytes no prompt contains, then end of turn
+    monkeypatch.setattr(train, "generate_greedy_batch", lambda model, prompts, *rest: [answer] * len(prompts))
+    data = train.load_training_data(engine, small(tmp_path, prompts_file, self_distill=True, val_fraction=0.3),
+                                    progress=False)
+    assert data.val_answers.shape == data.val.shape and data.val_answers.any()
+    assert torch.equal(data.val_answers & (data.val != 2), torch.isin(data.val, torch.tensor(answer[:3])))
 
 
 def test_resume_after_interruption_is_bit_exact(engine, text_file, tmp_path, monkeypatch):
@@ -268,17 +279,32 @@ def test_chat_formats_render_with_the_template(engine, tmp_path):
                                        "<|im_start|>user\nhow are you<|im_end|>\n<|im_start|>assistant\nfine "
                                        "thanks<|im_end|>\n")
     assert got.val.shape[0] == 0 and got.train.shape[1] == 8
-    assert sorted(stream) == sorted(expected[: len(stream)])  # packed, then shuffled by sequence
+    assert stream == expected[: len(expected) // 8 * 8]  # packed in order; the remainder is dropped
 
 
-def test_text_passages_become_prompts_under_self_distill(tmp_path):
-    text = "\n\n".join(" ".join(["word"] * 30) for _ in range(10))
-    chunks = train.passages(text)
-    assert all(80 <= len(c.split()) <= 200 for c in chunks[:-1])
+def test_text_files_become_passages_and_prompts(tmp_path):
+    text = "\n\n".join(" ".join([f"w{i}"] * 30) for i in range(10)) + "\n\n" + " ".join(["long"] * 300)
+    pieces = train.passages(text)
+    assert "".join(pieces) == text + "\n\n"  # verbatim: raw-text training sees the file as written
+    assert [len(p.split()) for p in pieces] == [90, 90, 90, 330]
     path = tmp_path / "book.txt"
     path.write_text(text)
     prompts = train._examples(path, self_distill=True)
-    assert prompts[0][0]["role"] == "user" and prompts[0][0]["content"].startswith(train.PASSAGE_INSTRUCTIONS[0])
+    assert [p[0]["role"] for p in prompts] == ["user"] * 4
+    assert prompts[1][0]["content"] == train.PASSAGE_INSTRUCTIONS[1] + "\n\n" + " ".join(pieces[1].split())
+    assert len(prompts[3][0]["content"].split()) == len(train.PASSAGE_INSTRUCTIONS[0].split()) + train.PROMPT_WORDS
+
+
+def test_validation_holds_whole_examples(engine, text_file, tmp_path):
+    data = train.load_training_data(engine, small(tmp_path, text_file, val_fraction=0.2), progress=False)
+    pieces = [engine.tokenizer.encode(p) for p in train.passages(text_file.read_text())]
+    assert data.summary["val_examples"] >= 1 and len(data.val) >= 0.15 * (len(data.train) + len(data.val))
+    val_stream, train_stream = data.val.flatten().tolist(), data.train.flatten().tolist()
+
+    def contains(stream, piece):
+        return any(stream[i: i + len(piece)] == piece for i in range(len(stream) - len(piece) + 1))
+    whole_in_val = [p for p in pieces if contains(val_stream, p)]
+    assert whole_in_val and not any(contains(train_stream, p) for p in whole_in_val)
 
 
 def test_draft_vocab_ranks_data_and_predictions():
