@@ -146,7 +146,7 @@ def _read_jsonl(path: Path) -> list[list[dict]]:
 
 def passages(text: str, min_words: int = PASSAGE_WORDS) -> list[str]:
     """The text cut at blank lines into verbatim pieces of at least ``min_words`` words (the last may be
-    shorter); joined back together they give the text again."""
+    shorter); joined back together they give the text again, up to a final blank line."""
     pieces, current, words = [], [], 0
     for paragraph in text.split("\n\n"):
         current.append(paragraph)
@@ -256,10 +256,10 @@ def load_training_data(engine, options: TrainOptions, progress: bool = True) -> 
         examples = [examples[i] for i in sorted(keep[: options.max_examples].tolist())]
 
     def render(example, generation_prompt: bool) -> list[int]:
-        if isinstance(example, str):
-            return tokenizer.encode(example)
-        return tokenizer.encode(tokenizer.apply_chat_template(example, add_generation_prompt=generation_prompt),
-                                add_bos=False)
+        # No BOS: passages continue one another, and chat templates place their own.
+        text = example if isinstance(example, str) else tokenizer.apply_chat_template(
+            example, add_generation_prompt=generation_prompt)
+        return tokenizer.encode(text, add_bos=False)
 
     summary = {"files": list(options.data), "examples": len(examples), "self_distill": options.self_distill}
     if options.self_distill:
@@ -772,12 +772,13 @@ def add_arguments(p) -> None:
     p.add_argument("--tower-layers", type=int, default=1, help="decoder layers in the PDM's tower (L_s)")
     p.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary size K (capped at the model's)")
     p.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                   help=".txt (plain text; passages become prompts with --self-distill) or .jsonl chats "
-                        "({'messages': [...]} or {'turns': [...]})")
+                   help=".txt (plain text, used as passages of >= 80 words; with --self-distill they become "
+                        "prompts) or .jsonl chats ({'messages': [...]} or {'turns': [...]})")
     p.add_argument("--self-distill", action="store_true",
                    help="train on the model's own greedy answers to the data's prompts (cached in --out)")
     p.add_argument("--answer-tokens", type=int, default=256, help="answer length limit for --self-distill")
-    p.add_argument("--max-examples", type=int, default=None, help="use a seeded random subset of this many examples")
+    p.add_argument("--max-examples", type=int, default=None,
+                   help="use a seeded random subset of this many examples (passages, chats or prompts)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: from --epochs)")
     p.add_argument("--epochs", type=float, default=1.0)
