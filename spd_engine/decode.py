@@ -19,6 +19,7 @@ class GenerationResult:
     prompt_ids: list[int]
     token_ids: list[int]
     stats: dict = field(default_factory=dict)
+    trace: list[bool] = field(default_factory=list)  # SPD: one entry per verification, True = accepted
 
 
 def cache_capacity(prompt_len: int, max_new_tokens: int, extra: int = 0) -> int:

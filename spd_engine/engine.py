@@ -115,4 +115,5 @@ class Engine:
 
             draft = resolve_pdm(self, pdm, stages=stages, stage_layers=stage_layers)
             result = generate_spd(self.model, draft, prompt_ids, max_new_tokens, params, eos_ids, on_tokens)
-        return Output(result.prompt_ids, result.token_ids, result.stats, text=self.tokenizer.decode(result.token_ids))
+        return Output(result.prompt_ids, result.token_ids, result.stats, result.trace,
+                      text=self.tokenizer.decode(result.token_ids))

@@ -258,9 +258,7 @@ def run_spd(state: SPDState, prompt_ids: list[int], max_new_tokens: int, eos_ids
         "equivalent_accept_length": n * len(tokens) / cycles if cycles else 0.0,
     }
     stats["theoretical_speedup"] = stats["equivalent_accept_length"]
-    result = GenerationResult(prompt_ids, tokens, stats)
-    result.trace = trace
-    return result
+    return GenerationResult(prompt_ids, tokens, stats, trace)
 
 
 def default_pdm_dir(model_spec: str):
