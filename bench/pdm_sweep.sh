@@ -17,8 +17,8 @@ WORK=${WORK:-/tmp/pdmw}
 CORPORA="/work/shared/data/corpora/austen.txt /work/shared/data/corpora/kjv.txt"
 EVAL="/work/shared/data/eval/mt_bench.jsonl /work/shared/data/eval/gsm8k.jsonl /work/shared/data/eval/humaneval.jsonl"
 PROMPTS=${PROMPTS:-64} ANSWER=${ANSWER:-128}
-STEPS=${STEPS:-60} BATCH=${BATCH:-2} SEQ=${SEQ:-128} LR=${LR:-1e-3} VOCAB=${VOCAB:-8192}
-LIMIT=${LIMIT:-3} NEW=${NEW:-32}
+STEPS=${STEPS:-} BATCH=${BATCH:-2} SEQ=${SEQ:-128} LR=${LR:-1e-3} VOCAB=${VOCAB:-8192}
+LIMIT=${LIMIT:-2} NEW=${NEW:-32}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 mkdir -p "$WORK" bench/results
 
@@ -36,11 +36,15 @@ data() {
     --answer-tokens "$ANSWER" --seed 0 --batch 32
 }
 
+# Steps as run for bench/results: 60 for n=8 L_s=1, n=4 L_s=1, n=4 L_s=2; 40 for the rest (set STEPS to override).
+steps_for() { case $1:$2 in 8:1|4:1|4:2) echo 60 ;; *) echo 40 ;; esac; }
+
 one() {  # n L_s: train, then T=0 eval
   local n=$1 ls=$2 name="pdm_n$1_ls$2" out="$WORK/pdm_n$1_ls$2"
+  local steps=${STEPS:-$(steps_for "$1" "$2")}
   spd-engine train-pdm --model default --device cpu --stages "$n" --tower-layers "$ls" \
     --anchors "$(anchors "$n")" --draft-vocab "$VOCAB" --data "$WORK/data.jsonl" --seq-len "$SEQ" \
-    --batch-size "$BATCH" --steps "$STEPS" --lr "$LR" --val-fraction 0.03 --checkpoint-every 1000 \
+    --batch-size "$BATCH" --steps "$steps" --lr "$LR" --val-fraction 0.03 --checkpoint-every 1000 \
     --seed 0 --out "$out" --json > "$WORK/$name.train.json" 2> "$WORK/$name.train.log"
   cp "$out/train_report.json" "bench/results/${name}_train.json"
   spd-engine eval --model default --device cpu --pdm "$out" --data $EVAL --limit "$LIMIT" \
@@ -74,12 +78,13 @@ for path in sorted(glob.glob("bench/results/pdm_n*_t0.json")) + sorted(glob.glob
     lossless = "n/a (T=1)" if r["temperature"] else \
         f"{sum(v['lossless_prompts'] for v in d.values())}/{sum(v['prompts'] for v in d.values())}"
     layers = "/".join(map(str, r["stage_layers"]))
-    cells = [f"{r['stages']} ({layers})", str(r["tower_layers"]), f"{r['temperature']:g}", top1] + \
+    name = path.split("/")[-1].replace(".json", "")
+    cells = [name, f"{r['stages']} ({layers})", str(r["tower_layers"]), f"{r['temperature']:g}", top1] + \
         [f"{acc[k]:.3f} / {eal[k]:.2f}" for k in ("mt_bench", "gsm8k", "humaneval")] + \
         [f"{mean_acc:.3f}", f"**{mean_eal:.2f}**", lossless]
     rows.append("| " + " | ".join(cells) + " |")
-print("| n (stage layers) | L_s | T | val top-1 | MT-Bench acc / eq. len | GSM8K acc / eq. len | HumanEval acc / eq. len | mean acc | mean eq. accept len | lossless (T=0) |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("| run | n (stage layers) | L_s | T | val top-1 | MT-Bench acc / eq. len | GSM8K acc / eq. len | HumanEval acc / eq. len | mean acc | mean eq. accept len | lossless (T=0) |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 print("\n".join(rows))
 PY
 }
@@ -108,10 +113,13 @@ case ${1:-all} in
   default_t1) default_t1 ;;
   all)
     [ -f "$WORK/data.jsonl" ] || data
+    # Single-threaded jobs side by side (as run here: three lanes, then 2:1 and 8:2, then 3:1 5:1 6:1).
     lane 8:1 2:1 6:1 > "$WORK/laneA.log" 2>&1 &
     lane 4:1 8:2 > "$WORK/laneB.log" 2>&1 &
     lane 4:2 3:1 5:1 > "$WORK/laneC.log" 2>&1 &
     wait
-    # then: ship the best L_s=1 PDM (see MODEL_CARD.md) and run default_t1
+    ship 8 1          # the shipped default: best validation top-1 among the L_s=1 PDMs that fit 25 MB
+    default_t1
+    table
     ;;
 esac
