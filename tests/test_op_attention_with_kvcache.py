@@ -238,3 +238,21 @@ def test_float64_inputs_are_served(backend):
     case = make_case([7, 3], 3, (9, 3), 64, torch.float64)
     expected = case.converted(torch.float64)
     torch.testing.assert_close(run(case, backend), run(expected, "torch"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("lengths,tq,causal", [([0, 7], 1, True), ([63, 1], 3, True), ([257], 3, False)])
+def test_reference_strategies_agree(lengths, tq, causal):
+    """The torch reference slices to the live length where lengths are host-readable and masks the whole
+    capacity where they live on a GPU (graph capture); both compute the same thing, NaN stale rows included."""
+    from spd_engine.ops import reference
+
+    case = make_case(lengths, tq, (9, 3), 64, torch.float64)
+    live, masked = case.converted(torch.float64), case.converted(torch.float64)
+    out_live = reference.attention_live_length(live.q, live.k_cache, live.v_cache, live.k, live.v,
+                                               live.cache_seqlens, live.rotary_cos, live.rotary_sin, None, causal)
+    out_masked = reference.attention_capacity_masked(masked.q, masked.k_cache, masked.v_cache, masked.k, masked.v,
+                                                     masked.cache_seqlens, masked.rotary_cos, masked.rotary_sin,
+                                                     None, causal)
+    assert torch.isfinite(out_live).all()
+    torch.testing.assert_close(out_live, out_masked, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(live.k_cache, masked.k_cache, equal_nan=True)

@@ -1,7 +1,8 @@
 """Plain-PyTorch reference ops: the ground truth in tests and the fallback on any device.
 
-Every function here is free of host synchronisation (no ``.item()``, no data-dependent
-shapes), so the torch backend can also be captured in a CUDA graph.
+On a GPU every function here is free of host synchronisation (no ``.item()``, no data-dependent shapes), so
+the torch backend can also be captured in a CUDA graph. On the CPU, reading a length is free, so attention
+slices the cache to the live length instead of masking the whole capacity.
 """
 from __future__ import annotations
 
@@ -26,8 +27,13 @@ def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=
     New k/v are rotated (k only) and written at ``cache_seqlens[b] + [0, Tq)``; the queries attend over
     ``[0, cache_seqlens[b] + Tq)`` with bottom-right-aligned causality among the new tokens.
     """
-    B, Tq, Hq, D = q.shape
-    S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
+    strategy = attention_live_length if cache_seqlens.device.type == "cpu" else attention_capacity_masked
+    return strategy(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, softmax_scale, causal)
+
+
+def _append_rotated(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin):
+    """Rotate q and the new k at their positions and write the new k/v into the caches; returns (q, positions)."""
+    B, Tq = q.shape[:2]
     positions = cache_seqlens.long()[:, None] + torch.arange(Tq, device=q.device)  # (B, Tq)
     if rotary_cos is not None:
         cos, sin = rotary_cos[positions], rotary_sin[positions]
@@ -36,7 +42,38 @@ def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=
     batch_index = torch.arange(B, device=q.device)[:, None].expand(B, Tq)
     k_cache.index_put_((batch_index, positions), k.to(k_cache.dtype))
     v_cache.index_put_((batch_index, positions), v.to(v_cache.dtype))
+    return q, positions
 
+
+def attention_live_length(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=None, rotary_sin=None,
+                          softmax_scale=None, causal=True):
+    """Host-known lengths (CPU): each sequence attends over its live cache slice with SDPA; nothing past the
+    live length is touched."""
+    Tq, Hq = q.shape[1:3]
+    group = Hq // k_cache.shape[2]
+    q, _ = _append_rotated(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    outputs = []
+    for b, start in enumerate(cache_seqlens.tolist()):
+        end = start + Tq
+        keys = k_cache[b, :end].to(acc).repeat_interleave(group, 1).transpose(0, 1)  # (Hq, end, D)
+        values = v_cache[b, :end].to(acc).repeat_interleave(group, 1).transpose(0, 1)
+        mask = None
+        if causal and Tq > 1:  # bottom-right aligned: query i sees keys <= start + i
+            mask = torch.arange(end, device=q.device)[None] <= (start + torch.arange(Tq, device=q.device))[:, None]
+        out = F.scaled_dot_product_attention(q[b].to(acc).transpose(0, 1), keys, values, attn_mask=mask,
+                                             scale=softmax_scale)
+        outputs.append(out.transpose(0, 1))
+    return torch.stack(outputs).to(q.dtype)
+
+
+def attention_capacity_masked(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=None, rotary_sin=None,
+                              softmax_scale=None, causal=True):
+    """Device-resident lengths (GPU, graph-capturable): attend over the whole capacity under a mask, so no
+    shape depends on a length."""
+    B, Tq, Hq, D = q.shape
+    S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
+    q, positions = _append_rotated(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin)
     scale = softmax_scale if softmax_scale is not None else D ** -0.5
     key_pos = torch.arange(S_max, device=q.device)
     limit = positions if causal else (cache_seqlens.long() + Tq - 1)[:, None].expand(B, Tq)
