@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from .decode import generate_vanilla
 from .errors import UserError
+from .jsonl import read_jsonl
 from .sampling import SamplingParams
 from .spd import generate_spd, resolve_pdm
 from .stages import parse_stage_layers
@@ -32,13 +33,7 @@ def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise UserError(f"prompt file '{path}' does not exist")
     questions = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+    for number, record in read_jsonl(path):
         turns = record.get("turns") if isinstance(record, dict) else None
         if not turns or not isinstance(turns[0], str):
             raise UserError(f"{path}:{number}: expected an object with a non-empty 'turns' list of strings")

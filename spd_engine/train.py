@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from .decode import generate_greedy_batch
 from .errors import UserError
+from .jsonl import read_jsonl
 from .ops.reference import aggregate_features
 from .pdm import PDM, WEIGHTS_FILE
 from .stages import parse_stage_layers, partition_layers
@@ -122,13 +123,7 @@ def _read_jsonl(path: Path) -> list[list[dict]]:
     """Chats from a JSONL file: ``{"messages": [{"role", "content"}, ...]}`` or EAGLE ``{"turns": [...]}``
     (alternating user / assistant turns, user first)."""
     chats = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+    for number, record in read_jsonl(path):
         if isinstance(record, dict) and isinstance(record.get("messages"), list):
             messages = record["messages"]
         elif isinstance(record, dict) and isinstance(record.get("turns"), list):
