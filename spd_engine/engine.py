@@ -61,9 +61,9 @@ class Engine:
         from . import ops
 
         torch_device = pick_device(device)
-        ops.resolve(backend, torch_device)  # validates the name early
-        if backend not in ("auto", "torch") and not ops.available(backend):
-            raise UserError(f"--backend {backend} is not available on this machine")
+        reason = ops.usable_reason(backend, torch_device)
+        if reason:
+            raise UserError(reason)
         model_dir = resolve_model_path(model)
         loaded = Model.from_pretrained(model_dir, dtype=pick_dtype(dtype, torch_device), device=torch_device,
                                        backend=backend)

@@ -1,7 +1,6 @@
 """End to end, every op routed through one backend: greedy decoding (vanilla and SPD) with --backend triton
 equals --backend torch. On the CPU, Triton runs under its interpreter (conftest sets TRITON_INTERPRET)."""
 import pytest
-import torch
 
 from spd_engine import Engine
 from spd_engine.errors import UserError
@@ -39,8 +38,9 @@ def test_triton_equals_torch_on_the_default_model():
     assert tokens["triton"] == tokens["torch"]
 
 
-def test_unavailable_backend_is_a_clear_error(tiny_dir):
-    if torch.cuda.is_available():
-        pytest.skip("the cuda backend may be available here")
-    with pytest.raises(UserError, match="--backend cuda is not available"):
+def test_backend_that_cannot_serve_the_device_is_a_clear_error(tiny_dir, monkeypatch):
+    with pytest.raises(UserError, match="--backend cuda (needs a CUDA device|is not available)"):
         Engine.load(tiny_dir, device="cpu", backend="cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(UserError, match="set TRITON_INTERPRET=1"):
+        Engine.load(tiny_dir, device="cpu", backend="triton")

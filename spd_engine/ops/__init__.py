@@ -7,6 +7,7 @@ extension still runs everything on torch.
 from __future__ import annotations
 
 import importlib
+import os
 from functools import lru_cache
 
 import torch
@@ -51,6 +52,20 @@ def resolve(backend: str, device: torch.device) -> str:
             if available(candidate):
                 return candidate
     return "torch"
+
+
+def usable_reason(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot serve tensors on ``device`` (None when it can): a check made once, up front,
+    so a user gets one clear line instead of a failure deep inside a kernel launch."""
+    if backend in ("auto", "torch"):
+        return None
+    if not available(backend):
+        return f"--backend {backend} is not available on this machine"
+    if backend == "cuda" and device.type != "cuda":
+        return "--backend cuda needs a CUDA device (--device cuda)"
+    if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "--backend triton on the CPU runs only under the Triton interpreter: set TRITON_INTERPRET=1"
+    return None
 
 
 def _impl(name: str, backend: str, device: torch.device):
