@@ -28,6 +28,16 @@ def parse_args(description: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
+def start(doc: str, script: str) -> tuple[argparse.Namespace, torch.device, float]:
+    """Every op benchmark's preamble: parse the common flags, insist on a GPU, measure the copy bandwidth that
+    is the roofline denominator of this run."""
+    args = parse_args(doc.splitlines()[0])
+    device = require_cuda(script)
+    copy_gbps = copy_bandwidth_gbps()
+    print(f"device copy bandwidth: {copy_gbps:.0f} GB/s")
+    return args, device, copy_gbps
+
+
 def require_cuda(script: str) -> torch.device:
     if not torch.cuda.is_available():
         sys.exit(f"{script}: needs a CUDA GPU (kernels are timed with CUDA events); none is available here.")

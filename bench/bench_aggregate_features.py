@@ -19,13 +19,10 @@ SLOTS = 64
 
 
 def main():
-    args = _timing.parse_args(__doc__.splitlines()[0])
-    device = _timing.require_cuda(Path(__file__).name)
+    args, device, copy_gbps = _timing.start(__doc__, Path(__file__).name)
     from spd_engine import ops
 
     dtype = torch.bfloat16
-    copy_gbps = _timing.copy_bandwidth_gbps()
-    print(f"device copy bandwidth: {copy_gbps:.0f} GB/s")
     rows = []
     for model, (hidden, m) in SHAPES.items():
         anchors = torch.randn(SLOTS, m, hidden, dtype=dtype, device=device)

@@ -108,3 +108,13 @@ def assert_matches_reference(actual: torch.Tensor, expected64: torch.Tensor, nai
     assert (error <= allowed).all(), (
         f"{what}: {(error > allowed).sum().item()} elements out of tolerance; worst error "
         f"{error.flatten()[worst].item():.3g} (allowed {allowed.flatten()[worst].item():.3g})")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP spinning slows them ~10x.
+    Module-scoped: use it as ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

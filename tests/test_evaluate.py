@@ -3,7 +3,6 @@ import argparse
 import json
 
 import pytest
-import torch
 
 from spd_engine import evaluate
 from spd_engine.engine import Engine
@@ -11,13 +10,7 @@ from spd_engine.errors import UserError
 from tiny_models import make_tiny_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP spinning slows them ~10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

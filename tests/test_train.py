@@ -29,13 +29,7 @@ def word_prompts(count: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(6)) for _ in range(count)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP spinning slows them ~10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
