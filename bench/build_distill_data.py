@@ -57,7 +57,8 @@ def build_prompts(corpora: list[str], count: int, seed: int, min_words: int, max
     pools = []
     for path in corpora:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
-        pool = [p for p in passages(text, min_words, max_words) if len(p.split()) >= min_words // 2]
+        # passages() keeps whole paragraphs; cap each at max_words so prompts stay short
+        pool = [" ".join(p.split()[:max_words]) for p in passages(text, min_words) if len(p.split()) >= min_words // 2]
         rng.shuffle(pool)
         pools.append(pool)
     prompts = []
@@ -96,14 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     cache = AnswerCache(out.with_name(out.name + ".answers.jsonl"), engine.model_spec)
     train.SELF_DISTILL_BATCH = args.batch  # self_distill reads the module constant at call time
-    streams, skipped = self_distill(engine, prompt_ids, args.answer_tokens, cache, progress=True)
+    pairs, skipped = self_distill(engine, prompt_ids, args.answer_tokens, cache, progress=True)
     eos = engine.eos_ids
     limit = engine.model.config.max_position_embeddings
     fitting = [(text, ids) for text, ids in zip(texts, prompt_ids) if len(ids) + args.answer_tokens <= limit]
 
     records, answer_tokens = [], 0
-    for (text, ids), stream in zip(fitting, streams):
-        answer = stream[len(ids):]
+    for (text, _), (_, answer) in zip(fitting, pairs):
         answer_tokens += len(answer)
         if answer and answer[-1] in eos:  # the chat template closes the assistant turn itself
             answer = answer[:-1]
