@@ -127,19 +127,23 @@ class SPDState:
         q = torch.softmax(logits.float() / self.params.temperature, dim=-1)
         return pdm.draft_vocab[torch.multinomial(q, 1, generator=self.generator)], q
 
+    def store_anchor(self, stage: int, anchor: int, hidden: torch.Tensor) -> None:
+        """Anchor ``anchor`` of the token that 0-based ``stage`` ran this cycle (depth ``stage``), into its slot."""
+        slot = (self.newest - stage) % self.slots
+        self.anchors[:, anchor].index_copy_(0, slot, hidden.reshape(1, -1))
+
     def run_stages(self) -> None:
         """Stage s runs its layers on the token at depth s-1; an idle stage computes but does not advance."""
         for s, (a, b) in enumerate(self.stage_bounds):
-            slot = (self.newest - s) % self.slots
             active = (self.fill > s).to(torch.int32)
-            captures = {layers: (lambda h, j=j, slot=slot: self.anchors[:, j].index_copy_(0, slot, h.view(1, -1)))
-                        for j, layers in self.stage_anchors[s]}
+            captures = {layers: (lambda h, s=s, j=j: self.store_anchor(s, j, h)) for j, layers in self.stage_anchors[s]}
             self.stage_out[s].copy_(self.target.forward_layers(self.stage_in[s], a, b, self.cache,
                                                                captures=captures, advance=active))
 
     def verify(self, draft: torch.Tensor, q: torch.Tensor | None):
         """The token leaving stage n gives the target's distribution for the position after it, held by the
-        candidate right behind it (this cycle's draft when n == 1). Returns (verifying, accept, target token)."""
+        candidate right behind it (this cycle's draft when n == 1).
+        Returns (verifying, accept, target token, candidate)."""
         n, target = self.n, self.target
         logits = target.logits(self.stage_out[n - 1, 0])  # (1, V)
         candidate_pos = self.newest - n + 2
@@ -147,7 +151,7 @@ class SPDState:
         verifying = self.fill == n
         if self.params.greedy:
             target_token = logits.argmax(-1)
-            return verifying, candidate == target_token, target_token
+            return verifying, candidate == target_token, target_token, candidate
         p = target_probs(logits, self.params)[0]  # (V,)
         q_draft = q if n == 1 else self.draft_q[candidate_pos % self.slots][0]
         q_full = torch.zeros_like(p).index_copy_(0, self.pdm.draft_vocab, q_draft)
@@ -157,7 +161,7 @@ class SPDState:
         residual = (p - q_full).clamp_min(0)
         residual = torch.where(residual.sum() > 0, residual, p)  # p == q: any draw from p is exact
         target_token = torch.multinomial(residual / residual.sum(), 1, generator=self.generator)
-        return verifying, accept, target_token
+        return verifying, accept, target_token, candidate
 
     def cycle(self) -> None:
         """One pipeline step: draft, all stages, verify, then commit / enter / flush by predicated updates."""
@@ -165,13 +169,12 @@ class SPDState:
         self.run_stages()
         self.resolve(draft, q, *self.verify(draft, q))
 
-    def resolve(self, draft, q, verifying, accept, target_token) -> None:
+    def resolve(self, draft, q, verifying, accept, target_token, candidate) -> None:
         """Commit the verified token (or the target's own in its place), then either let the draft enter or
         flush and restart from the corrected token. Predicated updates only: no host sync."""
         n = self.n
         candidate_pos = self.newest - n + 2  # the verified position; on reject, the new committed length
         do_accept, do_reject = verifying & accept, verifying & ~accept
-        candidate = draft if n == 1 else self.ring_tokens.index_select(0, candidate_pos % self.slots)
         committed = torch.where(accept, candidate, target_token)
         index = self.num_out.clamp(max=self.capacity - 1)
         keep = self.out_tokens.index_select(0, index)
@@ -180,12 +183,12 @@ class SPDState:
         self.accepted += do_accept
         self.rejected += do_reject
         # Flush on reject: every layer and the PDM cut back to the committed length (O(1), lengths only).
-        cut = torch.where(do_reject, candidate_pos, torch.full_like(candidate_pos, self.capacity)).to(torch.int32)
+        cut = torch.where(do_reject, candidate_pos, self.capacity).to(torch.int32)
         self.rollback(cut)
         # Advance: on reject the corrected token restarts alone at depth 0; otherwise the draft enters.
         self.stage_in[1:].copy_(self.stage_out[:-1])
         self.newest.copy_(torch.where(do_reject, candidate_pos, self.newest + 1))
-        self.fill.copy_(torch.where(do_reject, torch.ones_like(self.fill), (self.fill + 1).clamp(max=n)))
+        self.fill.copy_(torch.where(do_reject, 1, (self.fill + 1).clamp(max=n)))
         if q is not None:
             self.draft_q.index_copy_(0, self.newest % self.slots, q[None])
         self._enter(torch.where(do_reject, target_token, draft))

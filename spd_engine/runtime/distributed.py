@@ -303,10 +303,8 @@ class ControllerState(SPDState):
                             f"receiving the output of {self._stage_name(n - 1)}")
 
     def _store_anchors(self, stage: int, anchors: torch.Tensor) -> None:
-        """Stage s ran the token at depth s, whose slot is (newest - s) % slots, as in SPDState.run_stages."""
-        slot = (self.newest - stage) % self.slots
         for i, (j, _) in enumerate(self.stage_anchors[stage]):
-            self.anchors[:, j].index_copy_(0, slot, anchors[:, i])
+            self.store_anchor(stage, j, anchors[:, i])
 
     def rollback(self, cut: torch.Tensor) -> None:
         super().rollback(cut)  # the PDM's cache; this state holds no target layers
@@ -373,9 +371,9 @@ def plan_launch(args, world_size: int) -> Plan:
 
 
 def check_backend(backend: str, device: torch.device) -> None:
-    ops.resolve(backend, device)  # validates the name
-    if backend not in ("auto", "torch") and not ops.available(backend):
-        raise UserError(f"--backend {backend} is not available on this machine")
+    reason = ops.usable_reason(backend, device)  # the same up-front check as Engine.load
+    if reason:
+        raise UserError(reason)
 
 
 @dataclass
