@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Collection, Iterable
 
 import torch
 
@@ -36,8 +36,9 @@ def prefill(model: Model, cache: KVCache, prompt_ids: list[int]) -> torch.Tensor
     return model.logits(hidden[:, -1])
 
 
-def stop_reached(token_ids: list[int], eos_ids: Iterable[int], max_new_tokens: int) -> bool:
-    return len(token_ids) >= max_new_tokens or (bool(token_ids) and token_ids[-1] in set(eos_ids))
+def stop_reached(token_ids: list[int], eos_ids: Collection[int], max_new_tokens: int) -> bool:
+    """Called once per token: ``eos_ids`` is the caller's set, built once per generation."""
+    return len(token_ids) >= max_new_tokens or (bool(token_ids) and token_ids[-1] in eos_ids)
 
 
 def generate_vanilla(model: Model, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
