@@ -6,7 +6,7 @@
 * Prompts: random passages of the given plain-text corpora (``train.passages``), each under one of several varied
   instructions (continue, summarise, explain, characters, questions, rewrite, and a few that ask for a short
   program or a worked arithmetic problem drawn from the passage, so the answers also cover code and maths).
-* Answers: the target's own greedy answers (``generate_greedy_batch`` through ``train.self_distill``), batched.
+* Answers: the target's own greedy answers (``generate_batch`` through ``train.self_distill``), batched.
 * Output: JSONL chats ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}``; train-pdm renders
   them with the model's chat template (``--data data.jsonl``, no ``--self-distill``).
 * Resumable: every answer is appended to ``<out>.answers.jsonl`` (``train.AnswerCache``) as soon as its batch is

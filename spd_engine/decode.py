@@ -74,14 +74,15 @@ def generate_vanilla(model: Model, prompt_ids: list[int], max_new_tokens: int, p
     })
 
 
-def generate_greedy_batch(model: Model, prompts: list[list[int]], max_new_tokens: int,
-                          eos_ids: Iterable[int]) -> list[list[int]]:
-    """Greedy answers for many prompts at once (self-distillation data, evaluation set-up).
+def generate_batch(model: Model, prompts: list[list[int]], max_new_tokens: int, eos_ids: Iterable[int],
+                   params: SamplingParams = SamplingParams(), generator: torch.Generator | None = None
+                   ) -> list[list[int]]:
+    """Answers for many prompts at once (self-distillation data, teacher-forced evaluation).
 
     Each prompt is prefilled into its own cache row, then all rows decode together, so every weight is read
     once per step for the whole batch (a GEMM instead of B GEMVs). Rows that finished keep computing but
-    their tokens are dropped. The tokens equal :func:`generate_vanilla`'s up to the rounding of batched
-    matmuls.
+    their tokens are dropped. Greedy tokens equal :func:`generate_vanilla`'s up to the rounding of batched
+    matmuls; sampled rows are independent draws from the same distribution as its.
     """
     eos_ids = set(eos_ids)
     L = model.config.num_layers
@@ -91,7 +92,7 @@ def generate_greedy_batch(model: Model, prompts: list[list[int]], max_new_tokens
         logits = torch.cat([prefill(model, cache.row(b), ids) for b, ids in enumerate(prompts)])
         finished = [False] * len(prompts)
         while True:
-            tokens = logits.argmax(-1)  # (B,)
+            tokens = next_token(logits, params, generator)  # (B,)
             for row, token in enumerate(tokens.tolist()):
                 if not finished[row]:
                     answers[row].append(token)

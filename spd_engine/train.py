@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from .decode import generate_greedy_batch
+from .decode import generate_batch
 from .errors import UserError
 from .jsonl import read_jsonl
 from .ops.reference import aggregate_features
@@ -216,7 +216,7 @@ def self_distill(engine, prompts: list[list[int]], answer_tokens: int, cache: An
     with tqdm(total=len(missing), desc="self-distill", unit="prompt", disable=not progress, file=sys.stderr) as bar:
         for start in range(0, len(missing), SELF_DISTILL_BATCH):
             batch = missing[start: start + SELF_DISTILL_BATCH]
-            answers = generate_greedy_batch(engine.model, [ids for _, ids in batch], answer_tokens, engine.eos_ids)
+            answers = generate_batch(engine.model, [ids for _, ids in batch], answer_tokens, engine.eos_ids)
             for (key, _), answer in zip(batch, answers):
                 cache.add(key, answer)
             bar.update(len(batch))
@@ -307,47 +307,57 @@ def choose_draft_vocab(sequences: torch.Tensor, predicted: torch.Tensor, vocab_s
 
 
 # ====================================================================== staircase layout
-def staircase_blocks(depth_types: list[int]) -> list[tuple[int, int]]:
-    """The row blocks of a training sequence: (aggregation type, representative depth) for each distinct type
-    among depths 0..n (``depth_types[d]``), in depth order, so the depth-0 block comes first.
+def staircase_blocks(depth_types: list[int], per_depth: bool = False) -> list[tuple[int, int]]:
+    """The row blocks of a training sequence: (aggregation type, representative depth), in depth order, so the
+    depth-0 block comes first.
 
-    Types no depth uses get no block (their rows could never be seen). A type used by several depths is
-    represented by the shallowest of them; this only matters for towers with L_s >= 2 (see
-    :func:`staircase_mask`)."""
+    By default one block per distinct type among depths 0..n (``depth_types[d]``), represented by the
+    shallowest depth using it; types no depth uses get no block (their rows could never be seen). That is exact
+    for a one-layer tower, where only the depth-0 rows' outputs matter and they see each key row through its
+    features alone. With ``per_depth`` every depth 0..n gets its own block: needed for towers of two or more
+    layers, whose key rows carry their own attention (see :func:`staircase_mask`)."""
+    if per_depth:
+        return [(kind, depth) for depth, kind in enumerate(depth_types)]
     blocks: dict[int, int] = {}
     for depth, kind in enumerate(depth_types):
         blocks.setdefault(kind, depth)
     return list(blocks.items())
 
 
-def staircase_mask(depth_types: list[int], seq_len: int, fill: int | None = None) -> torch.Tensor:
+def staircase_mask(depth_types: list[int], seq_len: int, fill: int | None = None,
+                   per_depth: bool = False) -> torch.Tensor:
     """(R, R) boolean attention mask (True = visible) over ``R = blocks * seq_len`` rows laid out block-major
-    (block b, position t at row ``b * seq_len + t``), recreating what the tower sees at inference.
+    (block b, position t at row ``b * seq_len + t``; blocks from :func:`staircase_blocks`), recreating what
+    the tower sees at inference.
 
-    With n = len(depth_types) - 1 stages and fill f (default n: full pipeline), a row of representative depth
-    d at position t sees the row for position t - δ (δ >= 0) only in the block of the type of depth
-    ``d + δ`` if ``d + δ < f`` and of depth n (the deepest type) otherwise. For the depth-0 block (the only
-    one whose outputs get the loss) that is exactly the inference staircase: the newest token sees the token
-    δ places older at depth min(n, δ), and with a partly filled pipeline (fill f) keys at distance >= f at
-    full depth. Rows of other blocks follow the same rule from their own depth, which is what an in-flight
-    token of that depth sees at inference; they feed the depth-0 rows only through the K/V of tower layers
-    after the first, so with L_s = 1 their masks do not affect the loss. Every row sees at least one row at
-    its own position (itself, or the deepest row when its depth is past the fill), so none is empty.
+    With n = len(depth_types) - 1 stages and fill f (default n: full pipeline), a row of depth d at position t
+    sees the row for position t - δ (δ >= 0) only in the block of depth ``d + δ`` if ``d + δ < f`` and of
+    depth n (the deepest type) otherwise. For the depth-0 block (the only one whose outputs get the loss) that
+    is exactly the inference staircase: the newest token sees the token δ places older at depth min(n, δ),
+    and with a partly filled pipeline (fill f) keys at distance >= f at full depth. Rows of other blocks follow
+    the same rule from their own depth, which is what an in-flight token of that depth sees at inference; they
+    feed the depth-0 rows only through the K/V of tower layers after the first. With ``per_depth`` blocks that
+    is exact for any tower depth; with merged blocks a row stands for the shallowest depth of its type, which
+    is exact for a one-layer tower only. Every row sees at least one row at its own position (itself, or the
+    deepest row when its depth is past the fill), so none is empty.
     """
     n = len(depth_types) - 1
     fill = n if fill is None else fill
     if not 1 <= fill <= n:
         raise ValueError(f"fill must be in [1, {n}], got {fill}")
-    types = torch.tensor(depth_types)
+    blocks = staircase_blocks(depth_types, per_depth)
+    block_of_type = {kind: index for index, (kind, _) in enumerate(blocks)}
+    # The block holding each depth's rows: its own with per-depth blocks, its type's otherwise.
+    block_of_depth = torch.tensor([depth if per_depth else block_of_type[kind]
+                                   for depth, kind in enumerate(depth_types)])
     positions = torch.arange(seq_len)
     distance = positions[:, None] - positions[None, :]  # query position minus key position
     causal = distance >= 0
-    blocks = staircase_blocks(depth_types)
     rows = []
     for _, depth in blocks:
         seen_depth = depth + distance.clamp(min=0)
-        key_type = types[torch.where(seen_depth < fill, seen_depth, n)]
-        rows.append(torch.cat([causal & (key_type == kind) for kind, _ in blocks], dim=1))
+        key_block = block_of_depth[torch.where(seen_depth < fill, seen_depth, n)]
+        rows.append(torch.cat([causal & (key_block == index) for index in range(len(blocks))], dim=1))
     return torch.cat(rows, dim=0)
 
 
@@ -419,7 +429,8 @@ class Distiller:
     def __init__(self, target, pdm: PDM):
         self.target, self.pdm = target, pdm
         self.depth_types = pdm.depth_types
-        self.blocks = staircase_blocks(self.depth_types)
+        self.per_depth = pdm.config.tower_layers > 1
+        self.blocks = staircase_blocks(self.depth_types, self.per_depth)
         self.vocab_row = torch.full((target.config.vocab_size,), -1, dtype=torch.long, device=target.device)
         self.vocab_row[pdm.draft_vocab] = torch.arange(len(pdm.draft_vocab), device=target.device)
         # bf16 autocast on a GPU when the target runs in half precision; the trainable weights stay float32.
@@ -440,7 +451,7 @@ class Distiller:
                                                      torch.full_like(rows, kind)).view(B, T, H)
                                   for kind, _ in self.blocks], dim=1)
             positions = torch.arange(T, device=anchors.device).repeat(len(self.blocks))
-            mask = staircase_mask(self.depth_types, T, fill).to(anchors.device)
+            mask = staircase_mask(self.depth_types, T, fill, self.per_depth).to(anchors.device)
             out = pdm.masked_tower(features, positions, mask)[:, :T]
             return pdm.draft_logits(out).float()
 

@@ -97,6 +97,17 @@ def test_staircase_mask_shared_types_hand_checked():
     assert rows[(2, 4)] == {(2, 4), (2, 3), (2, 2), (2, 1), (2, 0)}
 
 
+def test_staircase_mask_per_depth_blocks():
+    # Depths 1 and 2 share type 1; per-depth blocks keep them apart so a depth-1 row sees depth 2 behind it.
+    assert staircase_blocks([0, 1, 1, 3], per_depth=True) == [(0, 0), (1, 1), (1, 2), (3, 3)]
+    rows = visible(staircase_mask([0, 1, 1, 3], 5, per_depth=True), 5)
+    assert rows[(0, 4)] == {(0, 4), (1, 3), (2, 2), (3, 1), (3, 0)}
+    assert rows[(1, 4)] == {(1, 4), (2, 3), (3, 2), (3, 1), (3, 0)}
+    assert rows[(2, 4)] == {(2, 4), (3, 3), (3, 2), (3, 1), (3, 0)}
+    rows = visible(staircase_mask([0, 1, 1, 3], 5, fill=2, per_depth=True), 5)
+    assert rows[(0, 4)] == {(0, 4), (1, 3), (3, 2), (3, 1), (3, 0)}
+
+
 def test_staircase_mask_partial_fill():
     types = [0, 1, 2, 3]  # n = 3
     full = staircase_mask(types, 6)
@@ -112,12 +123,15 @@ def test_staircase_mask_partial_fill():
             staircase_mask(types, 6, fill=bad)
 
 
-@pytest.mark.parametrize("stages,tower_layers", [(2, 1), (3, 2)])
-def test_training_staircase_reproduces_inference_drafts(engine, monkeypatch, stages, tower_layers):
+@pytest.mark.parametrize("stages,tower_layers,anchors", [(2, 1, "auto"), (3, 2, "auto"), (3, 1, [0, 3]),
+                                                         (3, 2, [0, 3])])
+def test_training_staircase_reproduces_inference_drafts(engine, monkeypatch, stages, tower_layers, anchors):
     """The draft logits the training layout gives position t at fill f equal those SPD computes when t is the
-    newest token of an f-full pipeline (oracle drafts keep every fill of a run's start and its steady state)."""
+    newest token of an f-full pipeline (oracle drafts keep every fill of a run's start and its steady state).
+    Anchors 0,3 make depths share types (0,0,1,1): merged blocks for L_s=1, per-depth blocks for L_s=2."""
     model = engine.model
-    pdm = PDM.create(model, partition_layers(model.config.num_layers, stages), tower_layers=tower_layers, seed=3)
+    pdm = PDM.create(model, partition_layers(model.config.num_layers, stages), anchors=anchors,
+                     tower_layers=tower_layers, seed=3)
     prompt = [1, 40, 41, 42, 43, 44, 2]
     reference = generate_vanilla(model, prompt, 10, GREEDY, eos_ids=()).token_ids
     seen = []
@@ -178,7 +192,7 @@ def test_self_distilled_answers_are_cached(engine, trained, prompts_file, monkey
     out, _ = trained
     lines = (out / train.ANSWERS_FILE).read_text().splitlines()
     assert len(lines) == 24
-    monkeypatch.setattr(train, "generate_greedy_batch", lambda *a, **k: pytest.fail("an answer was regenerated"))
+    monkeypatch.setattr(train, "generate_batch", lambda *a, **k: pytest.fail("an answer was regenerated"))
     data = train.load_training_data(engine, small(out, prompts_file, self_distill=True, answer_tokens=48,
                                                   seq_len=64), progress=False)
     assert data.summary["examples"] == 24 and len(data.train) > 0
@@ -186,7 +200,7 @@ def test_self_distilled_answers_are_cached(engine, trained, prompts_file, monkey
 
 def test_answer_positions_are_marked_for_validation(engine, prompts_file, tmp_path, monkeypatch):
     answer = [250, 251, 252, 2]  # bytes no prompt contains, then end of turn
-    monkeypatch.setattr(train, "generate_greedy_batch", lambda model, prompts, *rest: [answer] * len(prompts))
+    monkeypatch.setattr(train, "generate_batch", lambda model, prompts, *rest: [answer] * len(prompts))
     data = train.load_training_data(engine, small(tmp_path, prompts_file, self_distill=True, val_fraction=0.3),
                                     progress=False)
     assert data.val_answers.shape == data.val.shape and data.val_answers.any()
