@@ -23,7 +23,9 @@ from .jsonl import read_jsonl
 from .sampling import SamplingParams
 from .spd import generate_spd, resolve_pdm
 from .stages import parse_stage_layers
+from .teacher_forced import evaluate_teacher_forced
 
+METHODS = ("spd", "teacher-forced")
 WARMUP_TOKENS = 8  # one short untimed run per mode first, so one-time setup costs do not land on prompt 1
 
 
@@ -75,15 +77,12 @@ def evaluate_prompt(engine, pdm, prompt_ids: list[int], max_new_tokens: int, par
 
 
 def summarize(prompts: list[dict], stages: int) -> dict:
-    """Dataset totals: rates are ratios of sums over prompts (not means of per-prompt rates)."""
+    """Dataset totals: rates are ratios of sums over prompts (not means of per-prompt rates). Speeds only
+    where the prompts were timed (``--method spd``)."""
     accepted, rejected = sum(p["accepted"] for p in prompts), sum(p["rejected"] for p in prompts)
     new_tokens, cycles = sum(p["new_tokens"] for p in prompts), sum(p["cycles"] for p in prompts)
-    vanilla_tokens = sum(p["vanilla_new_tokens"] for p in prompts)
-    vanilla_seconds, spd_seconds = sum(p["vanilla_seconds"] for p in prompts), sum(p["spd_seconds"] for p in prompts)
-    vanilla_tps = vanilla_tokens / vanilla_seconds if vanilla_seconds else 0.0
-    spd_tps = new_tokens / spd_seconds if spd_seconds else 0.0
     checked = [p["lossless"] for p in prompts if p["lossless"] is not None]
-    return {
+    totals = {
         "prompts": len(prompts),
         "lossless": all(checked) if checked else None,
         "lossless_prompts": sum(checked),
@@ -93,36 +92,65 @@ def summarize(prompts: list[dict], stages: int) -> dict:
         "rejected": rejected,
         "acceptance_rate": accepted / (accepted + rejected) if accepted + rejected else 0.0,
         "equivalent_accept_length": stages * new_tokens / cycles if cycles else 0.0,
-        "vanilla_tokens_per_s": vanilla_tps,
-        "spd_tokens_per_s": spd_tps,
-        "wall_clock_ratio": spd_tps / vanilla_tps if vanilla_tps else 0.0,
     }
+    if prompts and "vanilla_seconds" in prompts[0]:
+        vanilla_tokens = sum(p["vanilla_new_tokens"] for p in prompts)
+        vanilla_seconds, spd_seconds = sum(p["vanilla_seconds"] for p in prompts), sum(p["spd_seconds"] for p in prompts)
+        vanilla_tps = vanilla_tokens / vanilla_seconds if vanilla_seconds else 0.0
+        spd_tps = new_tokens / spd_seconds if spd_seconds else 0.0
+        totals.update(vanilla_tokens_per_s=vanilla_tps, spd_tokens_per_s=spd_tps,
+                      wall_clock_ratio=spd_tps / vanilla_tps if vanilla_tps else 0.0)
+    return totals
 
 
-def evaluate(engine, datasets: list[str], *, pdm=None, stages: int | None = None,
-             stage_layers: list[int] | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
-             seed: int | None = None, limit: int | None = None, progress: bool = True) -> dict:
-    """Run every dataset's prompts in vanilla and SPD mode; returns the full report (per prompt and per
-    dataset). ``pdm`` is a PDM directory, ``"untrained"`` or None (the model's shipped PDM), as for generate."""
+def _dataset_name(path: str, taken) -> str:
+    name = Path(path).stem
+    return str(path) if name in taken else name  # same file name in two folders: keep both
+
+
+def _report_header(engine, draft, pdm_spec, method: str, params: SamplingParams, max_new_tokens: int) -> dict:
+    return {"model": engine.model_spec, "device": str(engine.model.device),
+            "dtype": str(engine.model.dtype).replace("torch.", ""), "pdm": str(pdm_spec) if pdm_spec else "default",
+            "method": method, "stages": draft.config.stages,
+            "stage_layers": [b - a for a, b in draft.config.stage_bounds], "anchors": draft.config.anchors,
+            "tower_layers": draft.config.tower_layers, "draft_vocab": draft.config.draft_vocab_size,
+            "temperature": params.temperature, "seed": params.seed, "max_new_tokens": max_new_tokens,
+            "datasets": {}}
+
+
+def _load_prompts(engine, datasets: list[str], limit: int | None, max_new_tokens: int):
+    """{path: questions} and {path: prompt ids}; every file and prompt is checked before anything runs."""
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be >= 1, got {limit}")
-    params = SamplingParams(temperature, seed=seed)
-    question_sets = {path: load_questions(path, limit) for path in datasets}  # every file checked before running
-    draft = resolve_pdm(engine, pdm, stages=stages, stage_layers=stage_layers)
-    n = draft.config.stages
+    question_sets = {path: load_questions(path, limit) for path in datasets}
     encoded = {path: [engine.encode_prompt(q["prompt"], chat=True) for q in questions]
                for path, questions in question_sets.items()}
     for prompts in encoded.values():
         for ids in prompts:
             engine.check_length(len(ids), max_new_tokens)
+    return question_sets, encoded
+
+
+def evaluate(engine, datasets: list[str], *, pdm=None, stages: int | None = None,
+             stage_layers: list[int] | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
+             seed: int | None = None, limit: int | None = None, method: str = "spd", progress: bool = True) -> dict:
+    """Every dataset's prompts in vanilla and SPD mode (``method="spd"``), or teacher-forced; returns the full
+    report (per prompt and per dataset). ``pdm`` is a PDM directory, ``"untrained"`` or None (the model's
+    shipped PDM), as for generate."""
+    if method not in METHODS:
+        raise UserError(f"--method must be one of {', '.join(METHODS)}, got '{method}'")
+    if method == "teacher-forced":
+        return evaluate_teacher_forced_many(engine, datasets, [pdm], stages=stages, stage_layers=stage_layers,
+                                            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                            limit=limit, progress=progress)[0]
+    params = SamplingParams(temperature, seed=seed)
+    question_sets, encoded = _load_prompts(engine, datasets, limit, max_new_tokens)
+    draft = resolve_pdm(engine, pdm, stages=stages, stage_layers=stage_layers)
+    n = draft.config.stages
     first = next(iter(encoded.values()))[0]
     evaluate_prompt(engine, draft, first, min(WARMUP_TOKENS, max_new_tokens), params)
 
-    report = {"model": engine.model_spec, "device": str(engine.model.device),
-              "dtype": str(engine.model.dtype).replace("torch.", ""), "pdm": str(pdm) if pdm else "default",
-              "stages": n, "stage_layers": [b - a for a, b in draft.config.stage_bounds],
-              "tower_layers": draft.config.tower_layers, "draft_vocab": draft.config.draft_vocab_size,
-              "temperature": temperature, "max_new_tokens": max_new_tokens, "datasets": {}}
+    report = _report_header(engine, draft, pdm, method, params, max_new_tokens)
     total = sum(len(prompts) for prompts in encoded.values())
     started = time.perf_counter()
     with tqdm(total=total, desc="eval", unit="prompt", disable=not progress, file=sys.stderr) as bar:
@@ -133,29 +161,53 @@ def evaluate(engine, datasets: list[str], *, pdm=None, stages: int | None = None
                                 **evaluate_prompt(engine, draft, ids, max_new_tokens, params)})
                 bar.update(1)
                 bar.set_postfix(accept=f"{summarize(results, n)['acceptance_rate']:.3f}")
-            name = Path(path).stem
-            if name in report["datasets"]:  # same file name in two folders: keep both
-                name = str(path)
+            name = _dataset_name(path, report["datasets"])
             report["datasets"][name] = {"path": str(path), **summarize(results, n), "per_prompt": results}
     report["seconds"] = time.perf_counter() - started
     return report
 
 
+def evaluate_teacher_forced_many(engine, datasets: list[str], pdms: list, *, stages: int | None = None,
+                                 stage_layers: list[int] | None = None, max_new_tokens: int = 256,
+                                 temperature: float = 0.0, seed: int | None = None, limit: int | None = None,
+                                 progress: bool = True) -> list[dict]:
+    """One report per PDM spec, all from the same answers and teacher passes (:mod:`teacher_forced`)."""
+    params = SamplingParams(temperature, seed=seed)
+    question_sets, encoded = _load_prompts(engine, datasets, limit, max_new_tokens)
+    drafts = [resolve_pdm(engine, spec, stages=stages, stage_layers=stage_layers) for spec in pdms]
+    started = time.perf_counter()
+    results = evaluate_teacher_forced(engine, encoded, drafts, max_new_tokens, params, progress)
+    seconds = time.perf_counter() - started
+    reports = []
+    for spec, draft, per_set in zip(pdms, drafts, results):
+        report = _report_header(engine, draft, spec, "teacher-forced", params, max_new_tokens)
+        for path, per_prompt in per_set.items():
+            rows = [{"question_id": q["question_id"], **r} for q, r in zip(question_sets[path], per_prompt)]
+            report["datasets"][_dataset_name(path, report["datasets"])] = {
+                "path": str(path), **summarize(rows, draft.config.stages), "per_prompt": rows}
+        report["seconds"] = seconds
+        reports.append(report)
+    return reports
+
+
 def format_table(report: dict) -> str:
-    header = ("dataset", "prompts", "lossless", "acceptance", "eq. accept len", "vanilla tok/s", "spd tok/s",
-              "wall ratio")
+    timed = report.get("method", "spd") == "spd"
+    header = ("dataset", "prompts", "lossless", "acceptance", "eq. accept len") + \
+        (("vanilla tok/s", "spd tok/s", "wall ratio") if timed else ())
     rows = [header]
     for name, d in report["datasets"].items():
         lossless = "n/a" if d["lossless"] is None else f"{d['lossless_prompts']}/{d['prompts']}"
+        speeds = (f"{d['vanilla_tokens_per_s']:.1f}", f"{d['spd_tokens_per_s']:.1f}",
+                  f"{d['wall_clock_ratio']:.2f}") if timed else ()
         rows.append((name, str(d["prompts"]), lossless, f"{d['acceptance_rate']:.3f}",
-                     f"{d['equivalent_accept_length']:.2f}", f"{d['vanilla_tokens_per_s']:.1f}",
-                     f"{d['spd_tokens_per_s']:.1f}", f"{d['wall_clock_ratio']:.2f}"))
+                     f"{d['equivalent_accept_length']:.2f}") + speeds)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
     caption = (f"SPD n={report['stages']} (stage layers {','.join(map(str, report['stage_layers']))}), "
                f"L_s={report['tower_layers']}, draft vocab {report['draft_vocab']}, T={report['temperature']}, "
-               f"max {report['max_new_tokens']} new tokens, {report['device']}")
+               f"max {report['max_new_tokens']} new tokens, {report['device']}" +
+               ("" if timed else "; teacher-forced: no pipeline ran, so no speeds and no lossless check"))
     return "\n".join([caption, *lines])
 
 
@@ -170,6 +222,10 @@ def add_arguments(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--method", choices=METHODS, default="spd",
+                   help="spd: run vanilla and the real pipeline on every prompt (speeds, lossless check); "
+                        "teacher-forced: the same acceptance trace from the target's answer and one forward "
+                        "pass per prompt (fast; no speeds, no lossless check)")
     p.add_argument("--out", default=None, help="write the full report (per prompt, with traces) as JSON here")
 
 
@@ -181,7 +237,7 @@ def run(args) -> int:
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     report = evaluate(engine, args.data, pdm=args.pdm, stages=args.stages, stage_layers=stage_layers,
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                      limit=args.limit)
+                      limit=args.limit, method=args.method)
     print(format_table(report))
     if args.out:
         out = Path(args.out)

@@ -437,9 +437,11 @@ class Distiller:
         half_on_gpu = target.device.type == "cuda" and target.dtype != torch.float32
         self.autocast = (lambda: torch.autocast("cuda", dtype=target.dtype)) if half_on_gpu else nullcontext
 
-    def draft_logits(self, anchors: torch.Tensor, fill: int | None = None) -> torch.Tensor:
+    def draft_logits(self, anchors: torch.Tensor, fill: int | None = None,
+                     positions_wanted: torch.Tensor | None = None) -> torch.Tensor:
         """Draft logits (B, T, K) of the depth-0 rows: one block of aggregated features per type, the tower
-        under the staircase mask at ``fill`` (default: full pipeline)."""
+        under the staircase mask at ``fill`` (default: full pipeline). ``positions_wanted`` limits the head
+        to those positions (B, len(positions_wanted), K)."""
         pdm = self.pdm
         B, T, m, H = anchors.shape
         flat = anchors.reshape(B * T, m, H)
@@ -453,6 +455,8 @@ class Distiller:
             positions = torch.arange(T, device=anchors.device).repeat(len(self.blocks))
             mask = staircase_mask(self.depth_types, T, fill, self.per_depth).to(anchors.device)
             out = pdm.masked_tower(features, positions, mask)[:, :T]
+            if positions_wanted is not None:
+                out = out[:, positions_wanted]
             return pdm.draft_logits(out).float()
 
     def loss_and_matches(self, logits: torch.Tensor, outputs: TargetOutputs):
