@@ -19,11 +19,11 @@ from tqdm import tqdm
 
 from .decode import generate_vanilla
 from .errors import UserError
-from .jsonl import read_jsonl
+from .jsonl import read_jsonl, write_text_atomic
 from .sampling import SamplingParams
 from .spd import generate_spd, resolve_pdm
 from .stages import parse_stage_layers
-from .teacher_forced import evaluate_teacher_forced
+from .teacher_forced import evaluate_teacher_forced, target_answers
 
 METHODS = ("spd", "teacher-forced")
 WARMUP_TOKENS = 8  # one short untimed run per mode first, so one-time setup costs do not land on prompt 1
@@ -133,7 +133,8 @@ def _load_prompts(engine, datasets: list[str], limit: int | None, max_new_tokens
 
 def evaluate(engine, datasets: list[str], *, pdm=None, stages: int | None = None,
              stage_layers: list[int] | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
-             seed: int | None = None, limit: int | None = None, method: str = "spd", progress: bool = True) -> dict:
+             seed: int | None = None, limit: int | None = None, method: str = "spd",
+             answers_cache: str | Path | None = None, progress: bool = True) -> dict:
     """Every dataset's prompts in vanilla and SPD mode (``method="spd"``), or teacher-forced; returns the full
     report (per prompt and per dataset). ``pdm`` is a PDM directory, ``"untrained"`` or None (the model's
     shipped PDM), as for generate."""
@@ -142,7 +143,9 @@ def evaluate(engine, datasets: list[str], *, pdm=None, stages: int | None = None
     if method == "teacher-forced":
         return evaluate_teacher_forced_many(engine, datasets, [pdm], stages=stages, stage_layers=stage_layers,
                                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                                            limit=limit, progress=progress)[0]
+                                            limit=limit, answers_cache=answers_cache, progress=progress)[0]
+    if answers_cache is not None:
+        raise UserError("--answers-cache is for --method teacher-forced")
     params = SamplingParams(temperature, seed=seed)
     question_sets, encoded = _load_prompts(engine, datasets, limit, max_new_tokens)
     draft = resolve_pdm(engine, pdm, stages=stages, stage_layers=stage_layers)
@@ -170,13 +173,29 @@ def evaluate(engine, datasets: list[str], *, pdm=None, stages: int | None = None
 def evaluate_teacher_forced_many(engine, datasets: list[str], pdms: list, *, stages: int | None = None,
                                  stage_layers: list[int] | None = None, max_new_tokens: int = 256,
                                  temperature: float = 0.0, seed: int | None = None, limit: int | None = None,
-                                 progress: bool = True) -> list[dict]:
-    """One report per PDM spec, all from the same answers and teacher passes (:mod:`teacher_forced`)."""
+                                 answers_cache: str | Path | None = None, progress: bool = True) -> list[dict]:
+    """One report per PDM spec, all from the same answers and teacher passes (:mod:`teacher_forced`).
+
+    ``answers_cache``: a JSON file holding the target's answers for exactly these prompts and settings; read
+    when it matches, else written (atomically) after generating them, so later runs over other PDMs skip the
+    generation. At T > 0 the answers are one draw (``seed``) shared by every PDM evaluated against them."""
     params = SamplingParams(temperature, seed=seed)
     question_sets, encoded = _load_prompts(engine, datasets, limit, max_new_tokens)
     drafts = [resolve_pdm(engine, spec, stages=stages, stage_layers=stage_layers) for spec in pdms]
     started = time.perf_counter()
-    results = evaluate_teacher_forced(engine, encoded, drafts, max_new_tokens, params, progress)
+    answers = None
+    if answers_cache is not None:
+        key = {"model": engine.model_spec, "dtype": str(engine.model.dtype), "temperature": temperature,
+               "seed": seed, "max_new_tokens": max_new_tokens, "prompts": encoded}
+        cache = Path(answers_cache)
+        if cache.is_file():
+            stored = json.loads(cache.read_text())
+            answers = stored["answers"] if stored.get("key") == key else None
+        if answers is None:
+            answers = target_answers(engine, encoded, max_new_tokens, params, params.generator(engine.model.device),
+                                     progress)
+            write_text_atomic(cache, json.dumps({"key": key, "answers": answers}))
+    results = evaluate_teacher_forced(engine, encoded, drafts, max_new_tokens, params, progress, answers)
     seconds = time.perf_counter() - started
     reports = []
     for spec, draft, per_set in zip(pdms, drafts, results):
@@ -226,6 +245,9 @@ def add_arguments(p) -> None:
                    help="spd: run vanilla and the real pipeline on every prompt (speeds, lossless check); "
                         "teacher-forced: the same acceptance trace from the target's answer and one forward "
                         "pass per prompt (fast; no speeds, no lossless check)")
+    p.add_argument("--answers-cache", default=None, metavar="JSON",
+                   help="teacher-forced: keep the target's answers in this file and reuse them when the prompts "
+                        "and settings match (evaluating several PDMs then generates them once)")
     p.add_argument("--out", default=None, help="write the full report (per prompt, with traces) as JSON here")
 
 
@@ -237,7 +259,8 @@ def run(args) -> int:
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     report = evaluate(engine, args.data, pdm=args.pdm, stages=args.stages, stage_layers=stage_layers,
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                      limit=args.limit, method=args.method)
+                      limit=args.limit, method=args.method,
+                      answers_cache=args.answers_cache)
     print(format_table(report))
     if args.out:
         out = Path(args.out)

@@ -1,7 +1,8 @@
-"""JSON Lines input (prompt sets, chat data) with one-line errors that name the file and line."""
+"""JSON Lines input (prompt sets, chat data) with one-line errors that name the file and line; atomic writes."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -17,3 +18,12 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
             yield number, json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write under a temporary name beside ``path``, then rename: readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # plain open(): the usual permissions
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -105,26 +105,39 @@ def draft_outcomes(distiller: Distiller, anchors: torch.Tensor, answer: list[int
     return "".join(trace)
 
 
+def target_answers(engine, prompt_sets: dict[str, list[list[int]]], max_new_tokens: int, params: SamplingParams,
+                   generator: torch.Generator | None = None, progress: bool = True) -> dict[str, list[list[int]]]:
+    """The target's own answers (what SPD commits), ``ANSWER_BATCH`` prompts at a time."""
+    answers: dict[str, list[list[int]]] = {}
+    total = sum(len(prompts) for prompts in prompt_sets.values())
+    with tqdm(total=total, desc="target answers", unit="prompt", disable=not progress, file=sys.stderr) as bar:
+        for name, prompts in prompt_sets.items():
+            answers[name] = []
+            for start in range(0, len(prompts), ANSWER_BATCH):
+                batch = prompts[start: start + ANSWER_BATCH]
+                answers[name] += generate_batch(engine.model, batch, max_new_tokens, engine.eos_ids, params, generator)
+                bar.update(len(batch))
+    return answers
+
+
 def evaluate_teacher_forced(engine, prompt_sets: dict[str, list[list[int]]], pdms: list[PDM],
-                            max_new_tokens: int, params: SamplingParams, progress: bool = True) -> list[dict]:
+                            max_new_tokens: int, params: SamplingParams, progress: bool = True,
+                            answers: dict[str, list[list[int]]] | None = None) -> list[dict]:
     """Per PDM, ``{dataset: [per-prompt result]}`` over ``prompt_sets`` ({dataset: [prompt ids]}); every PDM
-    sees the same answers (generated once) and the same teacher pass (union of their anchors)."""
+    sees the same answers (generated once, or given) and the same teacher pass (union of their anchors)."""
     target = engine.model
     generator = params.generator(target.device)
+    if answers is None:
+        answers = target_answers(engine, prompt_sets, max_new_tokens, params, generator, progress)
     anchor_layers = sorted({a for pdm in pdms for a in pdm.config.anchors})
     columns = [[anchor_layers.index(a) for a in pdm.config.anchors] for pdm in pdms]
     distillers = [Distiller(target, pdm) for pdm in pdms]
     results: list[dict] = [{name: [] for name in prompt_sets} for _ in pdms]
     total = sum(len(prompts) for prompts in prompt_sets.values())
-    with torch.inference_mode(), tqdm(total=2 * total, desc="teacher-forced eval", unit="step",
+    with torch.inference_mode(), tqdm(total=total, desc="teacher-forced eval", unit="prompt",
                                       disable=not progress, file=sys.stderr) as bar:
         for name, prompts in prompt_sets.items():
-            answers = []
-            for start in range(0, len(prompts), ANSWER_BATCH):
-                batch = prompts[start: start + ANSWER_BATCH]
-                answers += generate_batch(target, batch, max_new_tokens, engine.eos_ids, params, generator)
-                bar.update(len(batch))
-            for ids, answer in zip(prompts, answers):
+            for ids, answer in zip(prompts, answers[name]):
                 anchors, logits = teacher_pass(target, ids + answer, anchor_layers,
                                                None if params.greedy else len(ids))
                 for pdm_results, distiller, cols in zip(results, distillers, columns):
@@ -137,4 +150,3 @@ def evaluate_teacher_forced(engine, prompt_sets: dict[str, list[list[int]]], pdm
                         "first_mismatch": None, "trace": trace})
                 bar.update(1)
     return results
-

@@ -43,6 +43,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from .decode import generate_batch
+from .jsonl import write_text_atomic
 from .errors import UserError
 from .jsonl import read_jsonl
 from .ops.reference import aggregate_features
@@ -568,12 +569,6 @@ def lr_schedule(total_steps: int):
 
 
 # ====================================================================== checkpoints
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # plain open(): the usual permissions
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def latest_checkpoint(out_dir: Path) -> Path | None:
     pointer = out_dir / CHECKPOINT_DIR / LATEST_FILE
     if not pointer.is_file():
@@ -600,7 +595,7 @@ def save_checkpoint(out_dir: Path, step: int, pdm: PDM, state: dict) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_atomic(root / LATEST_FILE, name)
+    write_text_atomic(root / LATEST_FILE, name)
     for stale in root.iterdir():  # older checkpoints, and leftovers of a run killed while saving
         if stale.is_dir() and stale.name != name:
             shutil.rmtree(stale, ignore_errors=True)
@@ -767,7 +762,7 @@ def train_pdm(engine, options: TrainOptions, progress: bool = True) -> dict:
         "target_cache": train_targets.keep, "train_loss": running["loss"], "train_top1": running["top1"],
         "val_initial": initial_val, "val": distiller.validate(val_targets, options.batch_size, data.val_answers),
     }
-    _write_atomic(out_dir / REPORT_FILE, json.dumps(report, indent=1))
+    write_text_atomic(out_dir / REPORT_FILE, json.dumps(report, indent=1))
     return report
 
 

@@ -9,6 +9,7 @@ import torch
 
 from spd_engine import evaluate
 from spd_engine.engine import Engine
+from spd_engine.errors import UserError
 from spd_engine.sampling import SamplingParams
 from spd_engine.simulate import count_cycles
 from spd_engine.spd import generate_spd, resolve_pdm
@@ -127,3 +128,26 @@ def test_cli_teacher_forced_report(engine, pdms, tmp_path, capsys, monkeypatch):
     with torch.no_grad():
         real = evaluate.evaluate(engine, [str(data)], pdm=str(out_dir), max_new_tokens=20, progress=False)
     assert [p["trace"] for p in real["datasets"]["q"]["per_prompt"]] == [p["trace"] for p in q["per_prompt"]]
+
+
+def test_answers_cache_is_reused_only_when_it_matches(engine, pdms, tmp_path, monkeypatch):
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"turns": [p]}) + "\n" for p in word_prompts(2, seed=4)))
+    cache = tmp_path / "answers.json"
+    out_dir = tmp_path / "pdm"
+    pdms[(2, 1)].save(out_dir)
+    first = evaluate.evaluate(engine, [str(data)], pdm=str(out_dir), max_new_tokens=12, method="teacher-forced",
+                              answers_cache=cache, progress=False)
+    assert cache.is_file()
+    calls = []
+    real_answers = evaluate.target_answers
+    monkeypatch.setattr(evaluate, "target_answers", lambda *a, **k: calls.append(1) or real_answers(*a, **k))
+    again = evaluate.evaluate(engine, [str(data)], pdm=str(out_dir), max_new_tokens=12, method="teacher-forced",
+                              answers_cache=cache, progress=False)
+    assert calls == [] and again["datasets"] == first["datasets"]
+    longer = evaluate.evaluate(engine, [str(data)], pdm=str(out_dir), max_new_tokens=16, method="teacher-forced",
+                               answers_cache=cache, progress=False)
+    assert calls == [1] and longer["datasets"]["q"]["new_tokens"] > first["datasets"]["q"]["new_tokens"]
+    with pytest.raises(UserError):
+        evaluate.evaluate(engine, [str(data)], pdm=str(out_dir), max_new_tokens=12, answers_cache=cache,
+                          progress=False)
