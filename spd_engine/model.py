@@ -176,18 +176,22 @@ class Model:
         if cfg.qk_norm:
             q = ops.rms_norm(q, layer.q_norm, cfg.rms_norm_eps, backend=self.backend)[0]
             k = ops.rms_norm(k, layer.k_norm, cfg.rms_norm_eps, backend=self.backend)[0]
-        out = attend(q, k, v)
-        return F.linear(out.reshape(B, T, cfg.q_size), layer.o_proj)
+        out = attend(q, k, v)  # may answer only the first rows' queries (see decoder_layer's ``keep``)
+        return F.linear(out.reshape(B, out.shape[1], cfg.q_size), layer.o_proj)
 
-    def decoder_layer(self, layer: LayerWeights, hidden: torch.Tensor, residual: torch.Tensor | None, attend):
+    def decoder_layer(self, layer: LayerWeights, hidden: torch.Tensor, residual: torch.Tensor | None, attend,
+                      keep: int | None = None):
         """One decoder layer in the fused-residual form: returns (branch output, residual stream).
 
         The layer's true output is ``branch + residual``; deferring that add lets it fuse into the next
-        layer's input RMSNorm.
+        layer's input RMSNorm. With ``keep``, every row is a key but only the first ``keep`` rows leave the
+        layer (``attend`` answers their queries only): the rest of the layer runs on those rows alone.
         """
         eps = self.config.rms_norm_eps
         x, residual = ops.rms_norm(hidden, layer.input_norm, eps, residual, backend=self.backend)
         hidden = self.attention_block(layer, x, attend)
+        if keep is not None:
+            residual = residual[:, :keep]
         x, residual = ops.rms_norm(hidden, layer.post_norm, eps, residual, backend=self.backend)
         return ops.swiglu_mlp(x, layer.gate_up, layer.down, backend=self.backend), residual
 

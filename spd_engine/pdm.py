@@ -16,6 +16,7 @@ import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -152,24 +153,28 @@ class PDM:
         return self.tower.logits(tower_out)
 
     # ------------------------------------------------------------------ training pieces
-    def masked_tower(self, features: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def masked_tower(self, features: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                     outputs: int | None = None) -> torch.Tensor:
         """The tower over (B, R, H) rows at ``positions`` (R,) with an explicit (R, R) boolean attention mask
-        (True = visible): the staircase used in training. No cache."""
+        (True = visible): the staircase used in training. No cache. With ``outputs``, only the first
+        ``outputs`` rows are returned, and the last layer computes nothing else (the other rows are its keys)."""
         cfg = self.tower.config
         cos_table, sin_table = self.tower.rope_tables(int(positions.max()) + 1)
         cos, sin = cos_table[positions][None], sin_table[positions][None]
         group = cfg.num_heads // cfg.num_kv_heads
 
-        def attend(q, k, v):
+        def attend(q, k, v, queries=None):
             q, k = rotate_half_at(q, cos, sin), rotate_half_at(k, cos, sin)
             out = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), k.repeat_interleave(group, 2).transpose(1, 2),
-                v.repeat_interleave(group, 2).transpose(1, 2), attn_mask=mask)
+                q[:, :queries].transpose(1, 2), k.repeat_interleave(group, 2).transpose(1, 2),
+                v.repeat_interleave(group, 2).transpose(1, 2), attn_mask=mask[:queries])
             return out.transpose(1, 2)
 
         hidden, residual = features, None
-        for layer in self.tower.layers:
-            hidden, residual = self.tower.decoder_layer(layer, hidden, residual, attend)
+        for index, layer in enumerate(self.tower.layers):
+            keep = outputs if index == len(self.tower.layers) - 1 else None
+            hidden, residual = self.tower.decoder_layer(layer, hidden, residual, partial(attend, queries=keep),
+                                                        keep=keep)
         return hidden + residual
 
 

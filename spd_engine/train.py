@@ -455,7 +455,7 @@ class Distiller:
                                   for kind, _ in self.blocks], dim=1)
             positions = torch.arange(T, device=anchors.device).repeat(len(self.blocks))
             mask = staircase_mask(self.depth_types, T, fill, self.per_depth).to(anchors.device)
-            out = pdm.masked_tower(features, positions, mask)[:, :T]
+            out = pdm.masked_tower(features, positions, mask, outputs=T)  # the depth-0 rows
             if positions_wanted is not None:
                 out = out[:, positions_wanted]
             return pdm.draft_logits(out).float()

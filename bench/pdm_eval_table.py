@@ -1,0 +1,125 @@
+"""The paper-style PDM evaluation table: every given PDM on MT-Bench, GSM8K and HumanEval, teacher-forced.
+
+    python bench/pdm_eval_table.py --pdm v3=/tmp/pdm_v3 n3=/tmp/pdm_n3 ... --temperatures 0 1 \\
+        --limit 80 --max-new-tokens 256 --out-dir bench/results --work /tmp/pdm_eval
+
+Teacher-forced evaluation (``spd_engine.teacher_forced``) gives each PDM exactly the acceptance trace the real
+pipeline would produce at T=0 (and the same distribution at T>0) from one batched generation of the target's
+answers per temperature plus one forward per prompt, so the full 80-prompt x 256-token table fits a CPU.
+It does not run the pipeline, so it neither times it nor checks losslessness: ``spd-engine eval`` (the
+default ``--method spd``) does both.
+
+Writes ``<out-dir>/pdm_tf_<name>_t<T>.json`` (the report ``spd-engine eval --out`` writes), then the Markdown
+table ``<out-dir>/pdm_tf_table.md`` and a bar chart ``<out-dir>/pdm_tf_table.png`` over every such report
+there; keeps the target's answers in
+``<work>/answers_t<T>.json`` so a rerun with more PDMs skips generating them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from spd_engine.engine import Engine  # noqa: E402
+from spd_engine.errors import UserError  # noqa: E402
+from spd_engine.evaluate import evaluate_teacher_forced_many  # noqa: E402
+from spd_engine.jsonl import write_text_atomic  # noqa: E402
+
+EVAL_DIR = "/work/shared/data/eval"
+SETS = ("mt_bench", "gsm8k", "humaneval")
+
+
+def parse_pdms(items: list[str]) -> dict[str, str]:
+    pdms = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--pdm takes NAME=DIR (or NAME=default), got '{item}'")
+        pdms[name] = None if path == "default" else path
+    return pdms
+
+
+def table(reports: dict[tuple[str, float], dict]) -> str:
+    lines = ["| PDM | n (stage layers) | L_s | anchors | T | " + " | ".join(
+                 f"{s} acc / eq. len" for s in SETS) + " | mean acc | mean eq. accept len |",
+             "|---|---|---|---|---|" + "---|" * (len(SETS) + 2)]
+    for (name, temperature), r in reports.items():
+        d = r["datasets"]
+        acc = [d[s]["acceptance_rate"] for s in SETS]
+        eal = [d[s]["equivalent_accept_length"] for s in SETS]
+        lines.append(f"| {name} | {r['stages']} ({'/'.join(map(str, r['stage_layers']))}) | {r['tower_layers']} | "
+                     f"{','.join(map(str, r['anchors']))} | {temperature:g} | " +
+                     " | ".join(f"{a:.3f} / {e:.2f}" for a, e in zip(acc, eal)) +
+                     f" | {sum(acc) / len(acc):.3f} | **{sum(eal) / len(eal):.2f}** |")
+    return "\n".join(lines)
+
+
+def plot(reports: dict[tuple[str, float], dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(reports)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(keys)), 4))
+    width = 0.8 / len(SETS)
+    for i, name in enumerate(SETS):
+        ax.bar([k + (i - 1) * width for k in range(len(keys))],
+               [reports[key]["datasets"][name]["equivalent_accept_length"] for key in keys], width, label=name)
+    ax.set_xticks(range(len(keys)), [f"{name}\nn={reports[(name, t)]['stages']} T={t:g}" for name, t in keys],
+                  fontsize=8)
+    ax.axhline(3.39, color="grey", linestyle="--", linewidth=1, label="paper, 4B, n=8 (3.39)")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_ylabel("equivalent accept length (n x tokens / cycles)")
+    ax.set_title("SPD draft modules on SmolLM2-135M-Instruct, teacher-forced")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pdm", nargs="+", required=True, metavar="NAME=DIR")
+    p.add_argument("--data", nargs="+", default=[f"{EVAL_DIR}/{s}.jsonl" for s in SETS])
+    p.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
+    p.add_argument("--limit", type=int, default=80)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="draws the T>0 answers and outcomes")
+    p.add_argument("--model", default="default")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out-dir", default="bench/results")
+    p.add_argument("--work", default="/tmp/pdm_eval", help="keeps the target's answers between runs")
+    args = p.parse_args()
+    try:
+        pdms = parse_pdms(args.pdm)
+        engine = Engine.load(args.model, device=args.device)
+        out_dir, work = Path(args.out_dir), Path(args.work)
+        reports = {}
+        for temperature in args.temperatures:
+            runs = evaluate_teacher_forced_many(
+                engine, args.data, list(pdms.values()), max_new_tokens=args.max_new_tokens, temperature=temperature,
+                seed=args.seed, limit=args.limit, answers_cache=work / f"answers_t{temperature:g}.json")
+            for name, report in zip(pdms, runs):
+                write_text_atomic(out_dir / f"pdm_tf_{name}_t{temperature:g}.json", json.dumps(report, indent=1))
+                reports[(name, temperature)] = report
+    except UserError as exc:
+        print(f"pdm_eval_table: {exc}", file=sys.stderr)
+        return 2
+    # The table covers every report in out-dir, so PDMs evaluated in earlier runs stay in it.
+    for path in sorted(out_dir.glob("pdm_tf_*_t*.json")):
+        report = json.loads(path.read_text())
+        name = path.stem[len("pdm_tf_"): path.stem.rindex("_t")]
+        reports.setdefault((name, report["temperature"]), report)
+    reports = dict(sorted(reports.items(), key=lambda item: (item[0][1], item[1]["stages"], item[0][0])))
+    text = table(reports)
+    write_text_atomic(out_dir / "pdm_tf_table.md", text + "\n")
+    plot(reports, out_dir / "pdm_tf_table.png")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
