@@ -11,8 +11,8 @@ default ``--method spd``) does both.
 
 Writes ``<out-dir>/pdm_tf_<name>_t<T>.json`` (the report ``spd-engine eval --out`` writes), then the Markdown
 table ``<out-dir>/pdm_tf_table.md`` and a bar chart ``<out-dir>/pdm_tf_table.png`` over every such report
-there; keeps the target's answers in
-``<work>/answers_t<T>.json`` so a rerun with more PDMs skips generating them.
+there; keeps the target's answers in ``<work>/answers_t<T>.json`` so a rerun with more PDMs skips generating
+them.
 """
 from __future__ import annotations
 

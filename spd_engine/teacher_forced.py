@@ -129,6 +129,8 @@ def evaluate_teacher_forced(engine, prompt_sets: dict[str, list[list[int]]], pdm
     generator = params.generator(target.device)
     if answers is None:
         answers = target_answers(engine, prompt_sets, max_new_tokens, params, generator, progress)
+    if not pdms:
+        return []
     anchor_layers = sorted({a for pdm in pdms for a in pdm.config.anchors})
     columns = [[anchor_layers.index(a) for a in pdm.config.anchors] for pdm in pdms]
     distillers = [Distiller(target, pdm) for pdm in pdms]
