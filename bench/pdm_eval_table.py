@@ -11,7 +11,8 @@ default ``--method spd``) does both.
 
 Writes ``<out-dir>/pdm_tf_<name>_t<T>.json`` (the report ``spd-engine eval --out`` writes), then the Markdown
 table ``<out-dir>/pdm_tf_table.md`` and a bar chart ``<out-dir>/pdm_tf_table.png`` over every such report
-there; keeps the target's answers in ``<work>/answers_t<T>.json`` so a rerun with more PDMs skips generating
+there (with the steps and validation top-1 of ``<out-dir>/pdm_<name>_train.json`` where one exists); keeps
+the target's answers in ``<work>/answers_t<T>.json`` so a rerun with more PDMs skips generating
 them.
 """
 from __future__ import annotations
@@ -42,16 +43,19 @@ def parse_pdms(items: list[str]) -> dict[str, str]:
     return pdms
 
 
-def table(reports: dict[tuple[str, float], dict]) -> str:
-    lines = ["| PDM | n (stage layers) | L_s | anchors | T | " + " | ".join(
+def table(reports: dict[tuple[str, float], dict], trained: dict[str, dict]) -> str:
+    """One row per (PDM, T); ``trained`` maps PDM names to their train-pdm reports (steps, val top-1)."""
+    lines = ["| PDM | n (stage layers) | L_s | anchors | steps | val top-1 | T | " + " | ".join(
                  f"{s} acc / eq. len" for s in SETS) + " | mean acc | mean eq. accept len |",
-             "|---|---|---|---|---|" + "---|" * (len(SETS) + 2)]
+             "|---|---|---|---|---|---|---|" + "---|" * (len(SETS) + 2)]
     for (name, temperature), r in reports.items():
         d = r["datasets"]
         acc = [d[s]["acceptance_rate"] for s in SETS]
         eal = [d[s]["equivalent_accept_length"] for s in SETS]
+        train = trained.get(name)
+        steps, top1 = (str(train["steps"]), f"{train['val']['top1']:.3f}") if train else ("-", "-")
         lines.append(f"| {name} | {r['stages']} ({'/'.join(map(str, r['stage_layers']))}) | {r['tower_layers']} | "
-                     f"{','.join(map(str, r['anchors']))} | {temperature:g} | " +
+                     f"{','.join(map(str, r['anchors']))} | {steps} | {top1} | {temperature:g} | " +
                      " | ".join(f"{a:.3f} / {e:.2f}" for a, e in zip(acc, eal)) +
                      f" | {sum(acc) / len(acc):.3f} | **{sum(eal) / len(eal):.2f}** |")
     return "\n".join(lines)
@@ -82,7 +86,8 @@ def plot(reports: dict[tuple[str, float], dict], path: Path) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--pdm", nargs="+", required=True, metavar="NAME=DIR")
+    p.add_argument("--pdm", nargs="*", default=[], metavar="NAME=DIR",
+                   help="PDMs to evaluate; none: only rebuild the table and plot from the reports in --out-dir")
     p.add_argument("--data", nargs="+", default=[f"{EVAL_DIR}/{s}.jsonl" for s in SETS])
     p.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
     p.add_argument("--limit", type=int, default=80)
@@ -95,16 +100,18 @@ def main() -> int:
     args = p.parse_args()
     try:
         pdms = parse_pdms(args.pdm)
-        engine = Engine.load(args.model, device=args.device)
         out_dir, work = Path(args.out_dir), Path(args.work)
         reports = {}
-        for temperature in args.temperatures:
-            runs = evaluate_teacher_forced_many(
-                engine, args.data, list(pdms.values()), max_new_tokens=args.max_new_tokens, temperature=temperature,
-                seed=args.seed, limit=args.limit, answers_cache=work / f"answers_t{temperature:g}.json")
-            for name, report in zip(pdms, runs):
-                write_text_atomic(out_dir / f"pdm_tf_{name}_t{temperature:g}.json", json.dumps(report, indent=1))
-                reports[(name, temperature)] = report
+        if pdms:
+            engine = Engine.load(args.model, device=args.device)
+            for temperature in args.temperatures:
+                runs = evaluate_teacher_forced_many(
+                    engine, args.data, list(pdms.values()), max_new_tokens=args.max_new_tokens,
+                    temperature=temperature, seed=args.seed, limit=args.limit,
+                    answers_cache=work / f"answers_t{temperature:g}.json")
+                for name, report in zip(pdms, runs):
+                    write_text_atomic(out_dir / f"pdm_tf_{name}_t{temperature:g}.json", json.dumps(report, indent=1))
+                    reports[(name, temperature)] = report
     except UserError as exc:
         print(f"pdm_eval_table: {exc}", file=sys.stderr)
         return 2
@@ -114,7 +121,9 @@ def main() -> int:
         name = path.stem[len("pdm_tf_"): path.stem.rindex("_t")]
         reports.setdefault((name, report["temperature"]), report)
     reports = dict(sorted(reports.items(), key=lambda item: (item[0][1], item[1]["stages"], item[0][0])))
-    text = table(reports)
+    trained = {name: json.loads(path.read_text()) for name, _ in reports
+               if (path := out_dir / f"pdm_{name}_train.json").is_file()}
+    text = table(reports, trained)
     write_text_atomic(out_dir / "pdm_tf_table.md", text + "\n")
     plot(reports, out_dir / "pdm_tf_table.png")
     print(text)
