@@ -31,7 +31,7 @@ anchors() {
   esac
 }
 
-data() {  # 44 minutes on 2 cores
+data() {  # about 30 minutes on 2 cores
   python bench/build_distill_data.py $CORPORA --out "$DATA" --prompts 384 --answer-tokens 160 --seed 1 --batch 32
 }
 

@@ -125,12 +125,12 @@ def evaluate_teacher_forced(engine, prompt_sets: dict[str, list[list[int]]], pdm
                             answers: dict[str, list[list[int]]] | None = None) -> list[dict]:
     """Per PDM, ``{dataset: [per-prompt result]}`` over ``prompt_sets`` ({dataset: [prompt ids]}); every PDM
     sees the same answers (generated once, or given) and the same teacher pass (union of their anchors)."""
+    if not pdms:  # nothing to score: skip generating answers too
+        return []
     target = engine.model
     generator = params.generator(target.device)
     if answers is None:
         answers = target_answers(engine, prompt_sets, max_new_tokens, params, generator, progress)
-    if not pdms:
-        return []
     anchor_layers = sorted({a for pdm in pdms for a in pdm.config.anchors})
     columns = [[anchor_layers.index(a) for a in pdm.config.anchors] for pdm in pdms]
     distillers = [Distiller(target, pdm) for pdm in pdms]
