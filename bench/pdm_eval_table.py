@@ -11,7 +11,8 @@ default ``--method spd``) does both.
 
 Writes ``<out-dir>/pdm_tf_<name>_t<T>.json`` (the report ``spd-engine eval --out`` writes), then the Markdown
 table ``<out-dir>/pdm_tf_table.md`` and a bar chart ``<out-dir>/pdm_tf_table.png`` over every such report
-there (with the steps and validation top-1 of ``<out-dir>/pdm_<name>_train.json`` where one exists); keeps
+there (with the steps and validation top-1 of ``<out-dir>/pdm_<name>_train.json`` where one exists, and the
+lossless count of the real-pipeline T=0 runs ``<out-dir>/pdm_real_<name>_t0_<N>tok.json``); keeps
 the target's answers in ``<work>/answers_t<T>.json`` so a rerun with more PDMs skips generating them.
 Without ``--pdm`` it only rebuilds the table and the chart.
 """
@@ -43,11 +44,22 @@ def parse_pdms(items: list[str]) -> dict[str, str]:
     return pdms
 
 
-def table(reports: dict[tuple[str, float], dict], trained: dict[str, dict]) -> str:
-    """One row per (PDM, T); ``trained`` maps PDM names to their train-pdm reports (steps, val top-1)."""
+def lossless_column(real: list[dict]) -> str:
+    """'6/6 (32 tok)': prompts whose real-pipeline T=0 output equalled vanilla, over every real run of a PDM."""
+    if not real:
+        return "-"
+    equal = sum(d["lossless_prompts"] for r in real for d in r["datasets"].values())
+    total = sum(d["prompts"] for r in real for d in r["datasets"].values())
+    tokens = "/".join(sorted({str(r["max_new_tokens"]) for r in real}))
+    return f"{equal}/{total} ({tokens} tok)"
+
+
+def table(reports: dict[tuple[str, float], dict], trained: dict[str, dict], real: dict[str, list[dict]]) -> str:
+    """One row per (PDM, T); ``trained`` maps PDM names to their train-pdm reports (steps, val top-1), ``real``
+    to their real-pipeline T=0 reports (the lossless check teacher-forced evaluation cannot make)."""
     lines = ["| PDM | n (stage layers) | L_s | anchors | steps | val top-1 | T | " + " | ".join(
-                 f"{s} acc / eq. len" for s in SETS) + " | mean acc | mean eq. accept len |",
-             "|---|---|---|---|---|---|---|" + "---|" * (len(SETS) + 2)]
+                 f"{s} acc / eq. len" for s in SETS) + " | mean acc | mean eq. accept len | lossless, real runs |",
+             "|---|---|---|---|---|---|---|" + "---|" * (len(SETS) + 3)]
     for (name, temperature), r in reports.items():
         d = r["datasets"]
         acc = [d[s]["acceptance_rate"] for s in SETS]
@@ -57,7 +69,8 @@ def table(reports: dict[tuple[str, float], dict], trained: dict[str, dict]) -> s
         lines.append(f"| {name} | {r['stages']} ({'/'.join(map(str, r['stage_layers']))}) | {r['tower_layers']} | "
                      f"{','.join(map(str, r['anchors']))} | {steps} | {top1} | {temperature:g} | " +
                      " | ".join(f"{a:.3f} / {e:.2f}" for a, e in zip(acc, eal)) +
-                     f" | {sum(acc) / len(acc):.3f} | **{sum(eal) / len(eal):.2f}** |")
+                     f" | {sum(acc) / len(acc):.3f} | **{sum(eal) / len(eal):.2f}** | "
+                     f"{lossless_column(real.get(name, [])) if temperature == 0 else 'n/a'} |")
     return "\n".join(lines)
 
 
@@ -123,7 +136,9 @@ def main() -> int:
     reports = dict(sorted(reports.items(), key=lambda item: (item[0][1], item[1]["stages"], item[0][0])))
     trained = {name: json.loads(path.read_text()) for name in {name for name, _ in reports}
                if (path := out_dir / f"pdm_{name}_train.json").is_file()}
-    text = table(reports, trained)
+    real = {name: [json.loads(path.read_text()) for path in sorted(out_dir.glob(f"pdm_real_{name}_t0_*tok.json"))]
+            for name, _ in reports}
+    text = table(reports, trained, real)
     write_text_atomic(out_dir / "pdm_tf_table.md", text + "\n")
     plot(reports, out_dir / "pdm_tf_table.png")
     print(text)

@@ -3,7 +3,8 @@
 #
 #   bench/pdm_sweep.sh                 # everything below, in order
 #   bench/pdm_sweep.sh data            # rebuild the self-distillation data (bench/data/distill_s1.jsonl)
-#   bench/pdm_sweep.sh one 5 1         # train n=5, L_s=1, then evaluate it at T=0 and T=1
+#   bench/pdm_sweep.sh one 5 1         # train n=5, L_s=1, check it on the real pipeline, evaluate it at T=0 and T=1
+#   bench/pdm_sweep.sh real 5 1        # only the real-pipeline lossless check of an already trained PDM
 #   bench/pdm_sweep.sh ship 8 1        # copy that PDM into the package as the default (weights in bf16)
 #
 # Work files (PDM directories, logs) go under $WORK (default /tmp/pdmw). Reports and the table land in
@@ -18,6 +19,7 @@ cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/pdmw}
 DATA=bench/data/distill_s1.jsonl
 CORPORA="/work/shared/data/corpora/austen.txt /work/shared/data/corpora/kjv.txt"
+EVAL_SETS="/work/shared/data/eval/mt_bench.jsonl /work/shared/data/eval/gsm8k.jsonl /work/shared/data/eval/humaneval.jsonl"
 STEPS=${STEPS:-40}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 mkdir -p "$WORK" bench/results/answers
@@ -35,7 +37,12 @@ data() {  # about 30 minutes on 2 cores
   python bench/build_distill_data.py $CORPORA --out "$DATA" --prompts 384 --answer-tokens 160 --seed 1 --batch 32
 }
 
-one() {  # n L_s: train, then the teacher-forced table rows at T=0 and T=1
+real() {  # n L_s: the real pipeline on 2 prompts per set x 32 tokens at T=0, against vanilla (the lossless check)
+  spd-engine eval --model default --device cpu --stages "$1" --pdm "$WORK/pdm_n$1_ls$2" --data $EVAL_SETS \
+    --limit 2 --max-new-tokens 32 --temperature 0 --method spd --out "bench/results/pdm_real_n$1_ls$2_t0_32tok.json"
+}
+
+one() {  # n L_s: train, the real-pipeline check, then the teacher-forced table rows at T=0 and T=1
   local n=$1 ls=$2 name="pdm_n$1_ls$2" steps=$STEPS
   [ "$1:$2" = 8:1 ] && steps=300
   spd-engine train-pdm --model default --device cpu --stages "$n" --tower-layers "$ls" \
@@ -43,6 +50,7 @@ one() {  # n L_s: train, then the teacher-forced table rows at T=0 and T=1
     --steps "$steps" --lr 1e-3 --val-fraction 0.04 --checkpoint-every 20 --seed 0 --out "$WORK/$name" \
     --json > "$WORK/$name.train.json" 2> "$WORK/$name.train.log"
   cp "$WORK/$name/train_report.json" "bench/results/${name}_train.json"
+  real "$n" "$ls"
   python bench/pdm_eval_table.py --pdm "n${n}_ls${ls}=$WORK/$name" --temperatures 0 1 --limit 80 \
     --max-new-tokens 256 --out-dir bench/results --work bench/results/answers
 }
@@ -65,10 +73,11 @@ PY
 case ${1:-all} in
   data) data ;;
   one) one "$2" "$3" ;;
+  real) real "$2" "$3" ;;
   ship) ship "$2" "$3" ;;
   all)
     [ -f "$DATA" ] || data
     for cfg in 8:1 2:1 3:1 4:1 5:1 6:1 4:2 8:2; do one "${cfg%%:*}" "${cfg##*:}"; done
     ;;
-  *) echo "usage: $0 [data | one N LS | ship N LS | all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [data | one N LS | real N LS | ship N LS | all]" >&2; exit 2 ;;
 esac
