@@ -12,7 +12,7 @@ default ``--method spd``) does both.
 Writes ``<out-dir>/pdm_tf_<name>_t<T>.json`` (the report ``spd-engine eval --out`` writes), then the Markdown
 table ``<out-dir>/pdm_tf_table.md`` and a bar chart ``<out-dir>/pdm_tf_table.png`` over every such report
 there (with the steps and validation top-1 of ``<out-dir>/pdm_<name>_train.json`` where one exists, and the
-lossless count of the real-pipeline T=0 runs ``<out-dir>/pdm_real_<name>_t0_<N>tok.json``); keeps
+lossless and trace-agreement counts of the real-pipeline T=0 runs ``<out-dir>/pdm_real_<name>_t0_<N>tok.json``); keeps
 the target's answers in ``<work>/answers_t<T>.json`` so a rerun with more PDMs skips generating them.
 Without ``--pdm`` it only rebuilds the table and the chart.
 """
@@ -44,21 +44,25 @@ def parse_pdms(items: list[str]) -> dict[str, str]:
     return pdms
 
 
-def lossless_column(real: list[dict]) -> str:
-    """'6/6 (32 tok)': prompts whose real-pipeline T=0 output equalled vanilla, over every real run of a PDM."""
+def lossless_column(real: list[dict], teacher_forced: dict) -> str:
+    """'6/6 (32 tok), traces 6/6': prompts whose real-pipeline T=0 output equalled vanilla, over every real run of a
+    PDM, and prompts whose real acceptance trace is a prefix of the teacher-forced one (the exactness check)."""
     if not real:
         return "-"
-    equal = sum(d["lossless_prompts"] for r in real for d in r["datasets"].values())
-    total = sum(d["prompts"] for r in real for d in r["datasets"].values())
+    forced = {(name, p["question_id"]): p["trace"]
+              for name, d in teacher_forced["datasets"].items() for p in d["per_prompt"]}
+    prompts = [(name, p) for r in real for name, d in r["datasets"].items() for p in d["per_prompt"]]
+    equal = sum(p["lossless"] for _, p in prompts)
+    same_trace = sum(forced.get((name, p["question_id"]), "").startswith(p["trace"]) for name, p in prompts)
     tokens = "/".join(sorted({str(r["max_new_tokens"]) for r in real}))
-    return f"{equal}/{total} ({tokens} tok)"
+    return f"{equal}/{len(prompts)} ({tokens} tok), traces {same_trace}/{len(prompts)}"
 
 
 def table(reports: dict[tuple[str, float], dict], trained: dict[str, dict], real: dict[str, list[dict]]) -> str:
     """One row per (PDM, T); ``trained`` maps PDM names to their train-pdm reports (steps, val top-1), ``real``
     to their real-pipeline T=0 reports (the lossless check teacher-forced evaluation cannot make)."""
     lines = ["| PDM | n (stage layers) | L_s | anchors | steps | val top-1 | T | " + " | ".join(
-                 f"{s} acc / eq. len" for s in SETS) + " | mean acc | mean eq. accept len | lossless, real runs |",
+                 f"{s} acc / eq. len" for s in SETS) + " | mean acc | mean eq. accept len | real pipeline T=0: lossless, trace = teacher-forced |",
              "|---|---|---|---|---|---|---|" + "---|" * (len(SETS) + 3)]
     for (name, temperature), r in reports.items():
         d = r["datasets"]
@@ -70,7 +74,7 @@ def table(reports: dict[tuple[str, float], dict], trained: dict[str, dict], real
                      f"{','.join(map(str, r['anchors']))} | {steps} | {top1} | {temperature:g} | " +
                      " | ".join(f"{a:.3f} / {e:.2f}" for a, e in zip(acc, eal)) +
                      f" | {sum(acc) / len(acc):.3f} | **{sum(eal) / len(eal):.2f}** | "
-                     f"{lossless_column(real.get(name, [])) if temperature == 0 else 'n/a'} |")
+                     f"{lossless_column(real.get(name, []), r) if temperature == 0 else 'n/a'} |")
     return "\n".join(lines)
 
 
