@@ -61,8 +61,9 @@ def lossless_column(real: list[dict], teacher_forced: dict) -> str:
 def table(reports: dict[tuple[str, float], dict], trained: dict[str, dict], real: dict[str, list[dict]]) -> str:
     """One row per (PDM, T); ``trained`` maps PDM names to their train-pdm reports (steps, val top-1), ``real``
     to their real-pipeline T=0 reports (the lossless check teacher-forced evaluation cannot make)."""
-    lines = ["| PDM | n (stage layers) | L_s | anchors | steps | val top-1 | T | " + " | ".join(
-                 f"{s} acc / eq. len" for s in SETS) + " | mean acc | mean eq. accept len | real pipeline T=0: lossless, trace = teacher-forced |",
+    lines = ["| PDM | n (stage layers) | L_s | anchors | steps | val top-1 | T | "
+             + " | ".join(f"{s} acc / eq. len" for s in SETS)
+             + " | mean acc | mean eq. accept len | real pipeline T=0: lossless, trace = teacher-forced |",
              "|---|---|---|---|---|---|---|" + "---|" * (len(SETS) + 3)]
     for (name, temperature), r in reports.items():
         d = r["datasets"]
