@@ -4,6 +4,7 @@
 #   bench/pdm_sweep.sh                 # everything below, in order
 #   bench/pdm_sweep.sh data            # rebuild the self-distillation data (bench/data/distill_s1.jsonl)
 #   bench/pdm_sweep.sh one 5 1         # train n=5, L_s=1, check it on the real pipeline, evaluate it at T=0 and T=1
+#   bench/pdm_sweep.sh one 8 1 40      # the same with 40 steps, as run n8_ls1_s40 (n=8 at the others' step count)
 #   bench/pdm_sweep.sh real 5 1        # only the real-pipeline lossless check of an already trained PDM
 #   bench/pdm_sweep.sh ship 8 1        # copy that PDM into the package as the default (weights in bf16)
 #
@@ -37,21 +38,23 @@ data() {  # about 30 minutes on 2 cores
   python bench/build_distill_data.py $CORPORA --out "$DATA" --prompts 384 --answer-tokens 160 --seed 1 --batch 32
 }
 
-real() {  # n L_s: the real pipeline on 2 prompts per set x 32 tokens at T=0, against vanilla (the lossless check)
-  spd-engine eval --model default --device cpu --stages "$1" --pdm "$WORK/pdm_n$1_ls$2" --data $EVAL_SETS \
-    --limit 2 --max-new-tokens 32 --temperature 0 --method spd --out "bench/results/pdm_real_n$1_ls$2_t0_32tok.json"
+real() {  # n tag: the real pipeline on 2 prompts per set x 32 tokens at T=0, against vanilla (the lossless check)
+  spd-engine eval --model default --device cpu --stages "$1" --pdm "$WORK/pdm_$2" --data $EVAL_SETS \
+    --limit 2 --max-new-tokens 32 --temperature 0 --method spd --out "bench/results/pdm_real_$2_t0_32tok.json"
 }
 
-one() {  # n L_s: train, the real-pipeline check, then the teacher-forced table rows at T=0 and T=1
-  local n=$1 ls=$2 name="pdm_n$1_ls$2" steps=$STEPS
+one() {  # n L_s [steps]: train, the real-pipeline check, then the teacher-forced table rows at T=0 and T=1
+  local n=$1 ls=$2 tag="n$1_ls$2" steps=$STEPS
   [ "$1:$2" = 8:1 ] && steps=300
+  if [ -n "${3:-}" ]; then steps=$3 tag="n$1_ls$2_s$3"; fi  # an explicit step count: a separate run, named for it
+  local name="pdm_$tag"
   spd-engine train-pdm --model default --device cpu --stages "$n" --tower-layers "$ls" \
     --anchors "$(anchors "$n")" --draft-vocab 8192 --data "$DATA" --seq-len 256 --batch-size 4 \
     --steps "$steps" --lr 1e-3 --val-fraction 0.04 --checkpoint-every 20 --seed 0 --out "$WORK/$name" \
     --json > "$WORK/$name.train.json" 2> "$WORK/$name.train.log"
   cp "$WORK/$name/train_report.json" "bench/results/${name}_train.json"
-  real "$n" "$ls"
-  python bench/pdm_eval_table.py --pdm "n${n}_ls${ls}=$WORK/$name" --temperatures 0 1 --limit 80 \
+  real "$n" "$tag"
+  python bench/pdm_eval_table.py --pdm "$tag=$WORK/$name" --temperatures 0 1 --limit 80 \
     --max-new-tokens 256 --out-dir bench/results --work bench/results/answers
 }
 
@@ -72,12 +75,13 @@ PY
 
 case ${1:-all} in
   data) data ;;
-  one) one "$2" "$3" ;;
-  real) real "$2" "$3" ;;
+  one) one "$2" "$3" "${4:-}" ;;
+  real) real "$2" "n$2_ls$3" ;;
   ship) ship "$2" "$3" ;;
   all)
     [ -f "$DATA" ] || data
     for cfg in 8:1 2:1 3:1 4:1 5:1 6:1 4:2 8:2; do one "${cfg%%:*}" "${cfg##*:}"; done
+    one 8 1 40
     ;;
-  *) echo "usage: $0 [data | one N LS | real N LS | ship N LS | all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [data | one N LS [STEPS] | real N LS | ship N LS | all]" >&2; exit 2 ;;
 esac
