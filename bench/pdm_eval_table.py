@@ -12,8 +12,8 @@ default ``--method spd``) does both.
 Writes ``<out-dir>/pdm_tf_<name>_t<T>.json`` (the report ``spd-engine eval --out`` writes), then the Markdown
 table ``<out-dir>/pdm_tf_table.md`` and a bar chart ``<out-dir>/pdm_tf_table.png`` over every such report
 there (with the steps and validation top-1 of ``<out-dir>/pdm_<name>_train.json`` where one exists, and the
-lossless and trace-agreement counts of the real-pipeline T=0 runs ``<out-dir>/pdm_real_<name>_t0_<N>tok.json``); keeps
-the target's answers in ``<work>/answers_t<T>.json`` so a rerun with more PDMs skips generating them.
+lossless and trace-agreement counts of the real-pipeline T=0 runs ``<out-dir>/pdm_real_<name>_t0_<N>tok.json``);
+keeps the target's answers in ``<work>/answers_t<T>.json`` so a rerun with more PDMs skips generating them.
 Without ``--pdm`` it only rebuilds the table and the chart.
 """
 from __future__ import annotations
@@ -139,10 +139,11 @@ def main() -> int:
         name = path.stem[len("pdm_tf_"): path.stem.rindex("_t")]
         reports.setdefault((name, report["temperature"]), report)
     reports = dict(sorted(reports.items(), key=lambda item: (item[0][1], item[1]["stages"], item[0][0])))
-    trained = {name: json.loads(path.read_text()) for name in {name for name, _ in reports}
+    names = {name for name, _ in reports}
+    trained = {name: json.loads(path.read_text()) for name in names
                if (path := out_dir / f"pdm_{name}_train.json").is_file()}
     real = {name: [json.loads(path.read_text()) for path in sorted(out_dir.glob(f"pdm_real_{name}_t0_*tok.json"))]
-            for name, _ in reports}
+            for name in names}
     text = table(reports, trained, real)
     write_text_atomic(out_dir / "pdm_tf_table.md", text + "\n")
     plot(reports, out_dir / "pdm_tf_table.png")
