@@ -203,10 +203,16 @@ def build_shard(engine, prompts: list[Prompt], answer_tokens: int, batch: int, f
             written = tokenizer.decode([t for t in question.answer if t not in eos]).strip()
             texts[i] = written or texts[i]
     prompt_ids = [_chat_ids(tokenizer, text) for text in texts]
-    finished = generate_with_features(model, prompt_ids, answer_tokens, eos, batch, feature_layers, progress)
-    records = [{"id": p.id, "domain": p.domain, "prompt": text, "prompt_ids": ids, "answer_ids": f.answer}
-               for p, text, ids, f in zip(prompts, texts, prompt_ids, finished)]
-    features = torch.cat([f.features for f in finished]) if feature_layers is not None else None
+    # A prompt that cannot fit its answer in the model's context is left out (counted in the manifest).
+    fits = [i for i, ids in enumerate(prompt_ids) if len(ids) + answer_tokens <= model.config.max_position_embeddings]
+    finished = generate_with_features(model, [prompt_ids[i] for i in fits], answer_tokens, eos, batch,
+                                      feature_layers, progress)
+    records = [{"id": prompts[i].id, "domain": prompts[i].domain, "prompt": texts[i], "prompt_ids": prompt_ids[i],
+                "answer_ids": f.answer} for i, f in zip(fits, finished)]
+    features = None
+    if feature_layers is not None:
+        features = torch.cat([f.features for f in finished]) if finished else \
+            torch.empty(0, len(feature_layers), model.config.hidden_size)
     return records, features
 
 
@@ -228,6 +234,8 @@ def build_data(engine, out_dir: str | Path, prompts: int, shard_size: int, seed:
     """Build (or resume) the data set in ``out_dir``; returns the manifest."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in out_dir.glob(".*.tmp"):  # a write cut short by a kill: never listed, never read
+        leftover.unlink()
     cfg = engine.model.config
     settings = {"format": FORMAT_VERSION, "model": target_identity(cfg), "model_spec": engine.model_spec,
                 "dtype": str(engine.model.dtype).replace("torch.", ""), "seed": seed, "shard_size": shard_size,
@@ -268,7 +276,8 @@ def build_data(engine, out_dir: str | Path, prompts: int, shard_size: int, seed:
                                 "thread count or torch build changed the greedy answers")
 
         def write_text(tmp: Path) -> None:
-            with gzip.GzipFile(tmp, "wb", mtime=0) as handle:  # mtime=0: the same bytes on every rebuild
+            # No name and mtime 0 in the gzip header: the same bytes on every rebuild.
+            with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as handle:
                 handle.write("".join(json.dumps(r) + "\n" for r in records).encode())
 
         _write_atomic(text_path, write_text)
@@ -276,6 +285,7 @@ def build_data(engine, out_dir: str | Path, prompts: int, shard_size: int, seed:
             bits = features.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
             _write_atomic(feature_path, lambda tmp: np.save(open(tmp, "wb"), bits))
         done[index] = {"index": index, "file": text_path.name, "sequences": len(records),
+                       "skipped_too_long": len(chunk) - len(records),
                        "prompt_tokens": sum(len(r["prompt_ids"]) for r in records),
                        "answer_tokens": sum(len(r["answer_ids"]) for r in records),
                        "features": feature_path.name if features is not None else None,
