@@ -5,10 +5,11 @@ the torch build; this module turns tensors into those arguments. Each op is regi
 ``torch.library.custom_op`` plus a fake (meta) implementation, so CUDA graphs and ``torch.compile`` treat it as
 one opaque op, and every launch goes to ``torch.cuda.current_stream()`` so it lands in a graph being captured.
 
-``swiglu_mlp`` has no CUDA-C kernel: it delegates to the Triton kernel (fused gate/up GEMV + SiLU·mul, then
+``swiglu_mlp`` has no CUDA-C kernel: it delegates to the Triton backend (fused gate/up GEMV + SiLU·mul, then
 cuBLAS for the down projection) and to the torch reference where Triton is missing. Inputs outside what
-the CUDA kernels implement (float64, unusual head dims) take the same Triton-then-torch path, so
-``backend="auto"`` never fails on a valid input.
+the CUDA kernels implement (float64, head dims other than 64/128, unaligned caches) take the same
+Triton-backend-then-torch path, which itself hands Triton's own gaps to the reference, so ``backend="cuda"``
+never fails on a valid input.
 
 Importing this module without the built extension raises ImportError, which makes dispatch fall back.
 """
@@ -32,11 +33,11 @@ from kernels.split_kv import cdiv, plan_splits
 from . import reference
 
 try:
-    from kernels.attention import attention_with_kvcache as _attention_fallback
-    from kernels.swiglu import swiglu_mlp as _swiglu_mlp
+    # The Triton backend, not the raw kernels: it sends what Triton cannot compile (float64, head dims outside
+    # its range) on to the torch reference, so every input has a path.
+    from . import triton_backend as _fallback
 except ImportError:  # no Triton: the torch reference is the next best
-    _attention_fallback = reference.attention_with_kvcache
-    _swiglu_mlp = reference.swiglu_mlp
+    _fallback = reference
 
 # Must match spd::DType in csrc/ops.h.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -234,13 +235,13 @@ def _kernel_dtypes(*tensors) -> bool:
 def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=None, rotary_sin=None,
                            softmax_scale=None, causal=True):
     """Inputs the CUDA kernel does not cover (float64, head_dim other than 64/128, caches whose rows are not
-    16-byte aligned) go to the Triton kernel, or the torch reference without Triton."""
+    16-byte aligned) go to the Triton backend, which hands its own gaps to the torch reference."""
     head_dim = q.shape[-1]
     vector = 16 // q.element_size()
     aligned = all(c.data_ptr() % 16 == 0 and all(s % vector == 0 for s in _strides3(c)) for c in (k_cache, v_cache))
     if not (_kernel_dtypes(q, rotary_cos) and head_dim in (64, 128) and aligned):
-        return _attention_fallback(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, softmax_scale,
-                                   causal)
+        return _fallback.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin,
+                                                softmax_scale, causal)
     scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
     return _attention_op(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, float(scale),
                          bool(causal))
@@ -260,7 +261,7 @@ def rms_norm(x, weight, eps, residual=None):
 
 
 def swiglu_mlp(x, gate_up_weight, down_weight):
-    return _swiglu_mlp(x, gate_up_weight, down_weight)
+    return _fallback.swiglu_mlp(x, gate_up_weight, down_weight)
 
 
 def aggregate_features(anchors, weight_cat, row_slots, row_types):
