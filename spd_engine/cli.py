@@ -23,6 +23,9 @@ def _add_spd_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", type=int, default=None, help="number of pipeline stages n (1..L)")
     p.add_argument("--stage-layers", default=None, help="explicit layers per stage, e.g. 8,8,7,7")
     p.add_argument("--pdm", default=None, help="draft module checkpoint directory, or 'untrained'")
+    p.add_argument("--graph", choices=["auto", "on", "off"], default="auto",
+                   help="replay each decode step / SPD cycle as a CUDA graph, with a stream per stage "
+                        "(auto: on a CUDA device)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +84,7 @@ def cmd_generate(args) -> int:
     out = engine.generate(args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens, mode=args.mode,
                           stages=args.stages, stage_layers=stage_layers, pdm=args.pdm,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          stream=stream)
+                          stream=stream, graph=args.graph)
     if args.json:
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "prompt_ids": out.prompt_ids,
                           "stats": out.stats}))

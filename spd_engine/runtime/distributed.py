@@ -284,6 +284,8 @@ class ControllerState(SPDState):
             # A copy: resolve overwrites stage_in before this send is known to be complete.
             links.send(self.stage_in[layout.first_remote].clone(), layout.rank_of(layout.first_remote), TAG_HIDDEN,
                        f"sending the next input to {self._stage_name(layout.first_remote)}")
+        if self.noise is not None:
+            self.noise.refill()
         draft, q = self.draft()
         self.run_stages()
         self.resolve(draft, q, *self.verify(draft, q))
