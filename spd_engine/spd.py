@@ -279,7 +279,10 @@ def run_spd(state: SPDState, prompt_ids: list[int], max_new_tokens: int, eos_ids
         if on_tokens:
             on_tokens(tokens[-1:])
         state.start(first, len(prompt_ids))
+        prefill_seconds = time.perf_counter() - start
         cycle = runner() if runner is not None else state.cycle
+        warmup_cycles = int(state.cycles)  # a graph's warm-up cycles are real, but timed as capture
+        capture_seconds = time.perf_counter() - start - prefill_seconds  # graph warm-up + capture, if any
         while not stop_reached(tokens, eos_ids, max_new_tokens):
             for _ in range(readback_every):
                 cycle()
@@ -290,10 +293,10 @@ def run_spd(state: SPDState, prompt_ids: list[int], max_new_tokens: int, eos_ids
                     on_tokens([token])
                 if stop_reached(tokens, eos_ids, max_new_tokens):
                     break
-        cycles_run = min(int(state.cycles), state.max_cycles)
-        num_out_at = state.num_out_at[:cycles_run].tolist()
-        accepted_at = state.accepted_at[:cycles_run].tolist()
-    seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        cycles_run = int(state.cycles)
+        num_out_at = state.num_out_at[:min(cycles_run, state.max_cycles)].tolist()
+        accepted_at = state.accepted_at[:min(cycles_run, state.max_cycles)].tolist()
     # Keep the history up to the cycle that committed the last kept token (tokens[0] came from prefill).
     kept = len(tokens) - 1
     cycles = next((c + 1 for c, count in enumerate(num_out_at) if count >= kept), 0) if kept else 0
@@ -322,6 +325,12 @@ def run_spd(state: SPDState, prompt_ids: list[int], max_new_tokens: int, eos_ids
         "tokens_per_cycle": len(tokens) / cycles if cycles else 0.0,
         "equivalent_accept_length": n * len(tokens) / cycles if cycles else 0.0,
         "readback_every": readback_every,
+        "prefill_seconds": prefill_seconds,
+        "capture_seconds": capture_seconds,
+        # Every cycle executed, including those a batch ran past the last token: the divisor of cycle time.
+        "cycles_run": cycles_run,
+        "cycle_seconds": ((seconds - prefill_seconds - capture_seconds) / (cycles_run - warmup_cycles)
+                          if cycles_run > warmup_cycles else 0.0),
     }
     stats["theoretical_speedup"] = stats["equivalent_accept_length"]
     return GenerationResult(prompt_ids, tokens, stats, trace)
