@@ -80,13 +80,13 @@ def acceptance_pattern(spec: str, seed: int = 0, length: int = 4096) -> tuple[to
         p = float(spec)
     except ValueError:
         raw = json.loads(Path(spec).read_text())
-        if isinstance(raw, dict) and "datasets" in raw:  # an eval report: every prompt's real trace, in order
-            trace = [t for d in raw["datasets"].values() for prompt in d["per_prompt"] for t in prompt["trace"]]
+        if isinstance(raw, dict) and "datasets" in raw:  # an eval report: every prompt's trace ("AR..."), in order
+            trace = [t == "A" for d in raw["datasets"].values() for prompt in d["per_prompt"] for t in prompt["trace"]]
         else:
-            trace = raw["trace"] if isinstance(raw, dict) else raw
+            trace = [bool(t) for t in (raw["trace"] if isinstance(raw, dict) else raw)]
         if not trace:
             raise SystemExit(f"bench_decode: error: trace '{spec}' is empty")
-        return torch.tensor([bool(t) for t in trace]), f"trace {Path(spec).name} ({sum(trace)}/{len(trace)} accepted)"
+        return torch.tensor(trace), f"trace {Path(spec).name} ({sum(trace)}/{len(trace)} accepted)"
     if not 0.0 <= p <= 1.0:
         raise SystemExit(f"bench_decode: error: --force-acceptance p must be in [0, 1], got {p}")
     generator = torch.Generator().manual_seed(seed)

@@ -117,6 +117,7 @@ build() {
     command -v ninja >/dev/null && configure+=(-G Ninja)
     if ((DRY)); then  # compiling takes minutes on two cores: the dry run checks the configuration only
         [[ -x "$nvcc" ]] || { echo "dry run: no nvcc, nothing to configure"; return 0; }
+        "$PY" -c "import pybind11" 2>/dev/null || { echo "dry run: no pybind11 here, nothing to configure"; return 0; }
         "${configure[@]}"
         return
     fi
