@@ -180,16 +180,16 @@ export -f preflight build op_tests op_bench decode
 
 MODEL_DIR="$WORK/model_$SHAPE"
 step preflight 60 preflight
-step build 200 build
+step build 150 build
 step model 60 "$PY" bench/random_model.py --config "$SHAPE" --dtype "$DTYPE" --out "$MODEL_DIR"
-step op_tests 150 op_tests
-step op_bench 60 op_bench
-step launches 45 "$PY" bench/count_launches.py --model "$MODEL_DIR" --device "$DEVICE" --layers 2 \
+step op_tests 120 op_tests
+step op_bench 45 op_bench
+step launches 30 "$PY" bench/count_launches.py --model "$MODEL_DIR" --device "$DEVICE" --layers 2 \
     --out "$OUT_DIR/launches.json"
-step "decode_$SHAPE" 120 decode "$SHAPE" --model "$MODEL_DIR" --variants eager graph hf compile spd
+step "decode_$SHAPE" 150 decode "$SHAPE" --model "$MODEL_DIR" --variants eager graph hf compile spd
 if ((!DRY)); then
     step decode_llama-3.2-1b 60 decode llama-3.2-1b --random llama-3.2-1b --variants eager graph hf spd
-    step decode_llama-3-8b 60 decode llama-3-8b --random llama-3-8b --variants eager graph spd --stages 8 \
+    step decode_llama-3-8b 45 decode llama-3-8b --random llama-3-8b --variants eager graph spd --stages 8 \
         --repeats 1
 fi
 
