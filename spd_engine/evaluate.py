@@ -22,7 +22,6 @@ from .errors import UserError
 from .jsonl import read_jsonl, write_text_atomic
 from .sampling import SamplingParams
 from .spd import generate_spd, resolve_pdm
-from .stages import parse_stage_layers
 from .teacher_forced import evaluate_teacher_forced, target_answers
 
 METHODS = ("spd", "teacher-forced")
@@ -256,9 +255,8 @@ def run(args) -> int:
     """Exit status 1 when any temperature-0 prompt was not lossless."""
     from .engine import Engine
 
-    stage_layers = parse_stage_layers(args.stage_layers) if args.stage_layers else None
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
-    report = evaluate(engine, args.data, pdm=args.pdm, stages=args.stages, stage_layers=stage_layers,
+    report = evaluate(engine, args.data, pdm=args.pdm, stages=args.stages, stage_layers=args.stage_layers,
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                       limit=args.limit, method=args.method,
                       answers_cache=args.answers_cache, graph=args.graph)

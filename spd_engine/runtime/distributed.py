@@ -53,7 +53,7 @@ from ..model import Model
 from ..pdm import PDM, target_identity
 from ..sampling import SamplingParams
 from ..spd import SPDState, resolve_pdm, run_spd, stage_anchor_layers
-from ..stages import parse_stage_layers, partition_layers
+from ..stages import partition_layers
 from ..tokenizer import StreamDecoder, Tokenizer
 from ..weights import resolve_model_path
 
@@ -366,8 +366,7 @@ def plan_launch(args, world_size: int) -> Plan:
     if args.stages is None and not args.stage_layers:
         raise UserError("--distributed needs --stages N or --stage-layers to lay the stages out on ranks")
     cfg = ModelConfig.from_dir(resolve_model_path(args.model))
-    stage_layers = parse_stage_layers(args.stage_layers) if args.stage_layers else None
-    bounds = partition_layers(cfg.num_layers, args.stages, stage_layers)
+    bounds = partition_layers(cfg.num_layers, args.stages, args.stage_layers)
     Layout.for_launch(len(bounds), world_size)
     return Plan(target_identity(cfg), bounds)
 
@@ -400,8 +399,7 @@ def load_controller(args, plan: Plan, layout: Layout, device: torch.device) -> C
     model = Model.from_pretrained(model_dir, dtype=pick_dtype(args.dtype, device), device=device,
                                   backend=args.backend, layers=local_layers | builder_layers)
     engine = Engine(model, Tokenizer(model_dir), model_dir, model_spec=args.model)
-    stage_layers = parse_stage_layers(args.stage_layers) if args.stage_layers else None
-    pdm = resolve_pdm(engine, args.pdm, stages=args.stages, stage_layers=stage_layers)
+    pdm = resolve_pdm(engine, args.pdm, stages=args.stages, stage_layers=args.stage_layers)
     model.layers = [layer if index in local_layers else None for index, layer in enumerate(model.layers)]
     prompt_ids = engine.encode_prompt(args.prompt, args.chat)
     engine.check_length(len(prompt_ids), args.max_new_tokens)
