@@ -35,7 +35,12 @@ def stage_anchor_layers(anchors: list[int], stage_bounds) -> list[list[tuple[int
 
 
 class SPDState:
-    def __init__(self, target: Model, pdm: PDM, capacity: int, params: SamplingParams, max_cycles: int = 0):
+    """The cycle state. By default every stage runs here (:class:`LocalStage` executors over one full-model
+    cache, eager :class:`Lanes`); a runtime that runs stages elsewhere passes its own ``stages`` and ``lanes``
+    (then this state holds no target layers: ``cache`` is None)."""
+
+    def __init__(self, target: Model, pdm: PDM, capacity: int, params: SamplingParams, max_cycles: int = 0,
+                 stages: list[StageExecutor] | None = None, lanes: Lanes | None = None):
         cfg, dev = target.config, target.device
         self.target, self.pdm, self.params = target, pdm, params
         self.stage_bounds = [tuple(b) for b in pdm.config.stage_bounds]
@@ -43,7 +48,7 @@ class SPDState:
         self.slots = n + 1
         m, H, K = len(pdm.config.anchors), cfg.hidden_size, pdm.config.draft_vocab_size
         self.capacity = capacity
-        self.cache = self.new_target_cache(capacity)
+        self.cache = target.new_cache(capacity) if stages is None else None
         self.pdm_cache = pdm.tower.new_cache(capacity)
         self.anchors = torch.zeros(self.slots, m, H, dtype=target.dtype, device=dev)
         self.ring_tokens = torch.zeros(self.slots, dtype=torch.long, device=dev)
@@ -75,17 +80,9 @@ class SPDState:
         self.deepest_type = len(pdm.config.anchors) - 1
         self.row_offsets = torch.arange(self.slots, device=dev)
         self.stage_anchors = stage_anchor_layers(pdm.config.anchors, self.stage_bounds)
-        self.stages: list[StageExecutor] = self.new_stages()
-        self.lanes = Lanes()
-
-    def new_target_cache(self, capacity: int):
-        """The KV cache of the target layers this state runs itself: all of them in a single process."""
-        return self.target.new_cache(capacity)
-
-    def new_stages(self) -> list[StageExecutor]:
-        """One executor per stage; in a single process they share the full-model cache."""
-        return [LocalStage(self.target, s, bounds, self.stage_anchors[s], self.cache)
-                for s, bounds in enumerate(self.stage_bounds)]
+        self.stages: list[StageExecutor] = stages if stages is not None else [
+            LocalStage(target, s, bounds, self.stage_anchors[s], self.cache) for s, bounds in enumerate(self.stage_bounds)]
+        self.lanes = lanes or Lanes()
 
     # ------------------------------------------------------------------ prefill and start
     def prefill(self, prompt_ids: list[int]) -> torch.Tensor:
@@ -93,7 +90,7 @@ class SPDState:
         prompt rows at the deepest aggregation type. Returns the last position's target logits (1, V)."""
         target, pdm = self.target, self.pdm
         P = len(prompt_ids)
-        self.cache.check_room(P + 1)
+        self.pdm_cache.check_room(P + 1)  # the PDM's cache has the pipeline's capacity
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=target.device)
         anchors = torch.zeros(P, *self.anchors.shape[1:], dtype=target.dtype, device=target.device)
         embedded = target.embed(ids)
@@ -159,15 +156,8 @@ class SPDState:
         slot = (self.newest - stage) % self.slots
         self.anchors[:, anchor].index_copy_(0, slot, hidden.reshape(1, -1))
 
-    def run_stages(self) -> None:
-        """Every stage's step on its lane, then their outputs and anchors into the cycle state."""
-        lanes = self.lanes
-        results = [lanes.run(s + 1, executor.step, self.stage_in[s], self.fill, self.cut)
-                   for s, executor in enumerate(self.stages)]
-        lanes.join()
-        self.collect(results)
-
     def collect(self, results) -> None:
+        """The stages' outputs and anchors (in their executors' buffers) into the cycle state."""
         for s, (out, anchors) in enumerate(results):
             self.stage_out[s].copy_(out)
             for i, (j, _) in enumerate(self.stage_anchors[s]):
@@ -198,11 +188,19 @@ class SPDState:
         return verifying, accept, target_token, candidate
 
     def step(self) -> None:
-        """One pipeline step, free of random-number generators and host syncs (what a graph replays): the
-        draft and every stage on their lanes, then verify, then commit / enter / flush by predicated updates."""
-        self.lanes.fork()
-        draft, q = self.lanes.run(0, self.draft)
-        self.run_stages()
+        """One pipeline step, free of random-number generators and host syncs (what a graph replays): every
+        stage and the draft on their lanes, then verify, then commit / enter / flush by predicated updates.
+
+        Stages are launched last first: their results land in their executors' own buffers and reach the
+        ring only in ``collect``, after the draft has read it, so the order changes nothing here, while a
+        pipeline whose stages run on other ranks gets them all going before rank 0 computes its own."""
+        lanes = self.lanes
+        lanes.fork()
+        results = {s: lanes.run(s + 1, self.stages[s].step, self.stage_in[s], self.fill, self.cut)
+                   for s in reversed(range(self.n))}
+        draft, q = lanes.run(0, self.draft)
+        lanes.join()
+        self.collect([results[s] for s in range(self.n)])
         self.resolve(draft, q, *self.verify(draft, q))
 
     def cycle(self) -> None:
@@ -243,7 +241,8 @@ class SPDState:
         """Cut the PDM and this state's own target cache back to ``cut`` entries now (capacity: no cut); a
         stage whose cache lives elsewhere applies ``self.cut`` at its next step."""
         self.pdm_cache.rollback(cut)
-        self.cache.rollback(cut)
+        if self.cache is not None:
+            self.cache.rollback(cut)
         self.cut.copy_(cut)
 
 
