@@ -259,7 +259,8 @@ def main(argv=None) -> int:
                     if pattern_label:
                         row.update(forced_acceptance=pattern_label, label=FORCED_LABEL)
                     per_token = args.cycles_per_token or row["cycles_per_token"]
-                    row["projected_tokens_per_s"] = 1.0 / (row["cycle_seconds"] * per_token) if row["cycle_seconds"] else 0
+                    cycle = row["cycle_seconds"]
+                    row["projected_tokens_per_s"] = 1.0 / (cycle * per_token) if cycle else 0.0
                     row["projection_method"] = (
                         "1 / (measured median cycle time x cycles per token); cycles per token "
                         + ("from --cycles-per-token (the real model's CPU-measured figure)" if args.cycles_per_token

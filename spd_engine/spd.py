@@ -1,6 +1,6 @@
 """Speculative Pipeline Decoding: the cycle state, one cycle as one function, and the eager driver.
 
-Fixed-shape state, all on the device (DESIGN.md §1):
+Fixed-shape state, all on the device (docs/ARCHITECTURE.md, "The cycle"):
 
 * positions: the newest in-flight token sits at position ``newest`` (depth 0); ``fill`` tokens are in
   flight, at positions newest, newest-1, ..., newest-fill+1 (depths 0..fill-1). Older positions are
@@ -81,7 +81,8 @@ class SPDState:
         self.row_offsets = torch.arange(self.slots, device=dev)
         self.stage_anchors = stage_anchor_layers(pdm.config.anchors, self.stage_bounds)
         self.stages: list[StageExecutor] = stages if stages is not None else [
-            LocalStage(target, s, bounds, self.stage_anchors[s], self.cache) for s, bounds in enumerate(self.stage_bounds)]
+            LocalStage(target, s, bounds, self.stage_anchors[s], self.cache)
+            for s, bounds in enumerate(self.stage_bounds)]
         self.lanes = lanes or Lanes()
 
     # ------------------------------------------------------------------ prefill and start

@@ -10,7 +10,7 @@
   parameter runs on the GPU too, so it carries the ``gpu`` marker there (``pytest -m gpu`` selects it).
 - ``nan_poisoned_allocations`` makes every torch.empty inside the op NaN-filled, so an output element the
   kernel forgets to write can never look correct.
-- ``assert_matches_reference`` is the kernel-test tolerance rule (DESIGN.md §3).
+- ``assert_matches_reference`` is the kernel-test tolerance rule (docs/ARCHITECTURE.md, "Kernel tests").
 """
 from __future__ import annotations
 

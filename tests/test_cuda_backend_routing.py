@@ -62,10 +62,11 @@ def test_swiglu_in_float64_matches_the_reference(cuda_backend):
 
 
 def test_rms_norm_and_aggregate_in_float64_match_the_reference(cuda_backend):
-    x, residual, weight = torch.randn(3, 40, dtype=torch.float64), torch.randn(3, 40, dtype=torch.float64), \
-        torch.randn(40, dtype=torch.float64)
-    for got, want in zip(cuda_backend.rms_norm(x, weight, 1e-5, residual), reference.rms_norm(x, weight, 1e-5, residual)):
-        torch.testing.assert_close(got, want)
+    x, residual = torch.randn(3, 40, dtype=torch.float64), torch.randn(3, 40, dtype=torch.float64)
+    weight = torch.randn(40, dtype=torch.float64)
+    got, want = cuda_backend.rms_norm(x, weight, 1e-5, residual), reference.rms_norm(x, weight, 1e-5, residual)
+    for actual, expected in zip(got, want):
+        torch.testing.assert_close(actual, expected)
     anchors, weight_cat = torch.randn(4, 2, 8, dtype=torch.float64), torch.randn(8, 24, dtype=torch.float64)
     slots, types_ = torch.tensor([0, 3, 1]), torch.tensor([1, 0, 1])
     torch.testing.assert_close(cuda_backend.aggregate_features(anchors, weight_cat, slots, types_),

@@ -1,4 +1,4 @@
-"""attention_with_kvcache on every backend against the float64 reference (DESIGN.md §3).
+"""attention_with_kvcache on every backend against the float64 reference (docs/ARCHITECTURE.md, "Kernel tests").
 
 Stale cache rows (at and past each sequence's live length) are NaN before every call: a kernel that reads
 them, or forgets to overwrite a new row, fails. Outputs allocated inside the op are NaN-poisoned too.
