@@ -25,7 +25,11 @@
 # folder once on a machine with internet, and it travels with the working tree:
 #   pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #       --no-deps -d .gpu/wheels pytest-xdist execnet gguf
-# A prebuilt extension for the build fallback goes to .gpu/ as well (any _C*.so built for sm_90, cp312).
+# A prebuilt extension for the build fallback goes to .gpu/ as well (any _C*.so built for sm_90, cp312), and
+# the default model's config and tokenizer (3.4 MB; the 94 MB GGUF cannot travel) make the SmolLM2-shape model
+# carry the real tokenizer:
+#   d=$(python -c "from spd_engine.weights import resolve_model_path as r; print(r('default'))")
+#   mkdir -p .gpu/smollm2-135m && cp "$d"/{config,tokenizer,tokenizer_config,generation_config}.json .gpu/smollm2-135m/
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -179,9 +183,11 @@ export DRY PY WORK OUT_DIR ROOT DEVICE DTYPE TOKENS PROMPT_TOKENS STAGES REPEATS
 export -f preflight build op_tests op_bench decode
 
 MODEL_DIR="$WORK/model_$SHAPE"
+MODEL_CONFIG="$SHAPE"
+[[ -f ".gpu/$SHAPE/config.json" ]] && MODEL_CONFIG=".gpu/$SHAPE"  # the real config and tokenizer, when carried
 step preflight 60 preflight
 step build 150 build
-step model 60 "$PY" bench/random_model.py --config "$SHAPE" --dtype "$DTYPE" --out "$MODEL_DIR"
+step model 60 "$PY" bench/random_model.py --config "$MODEL_CONFIG" --dtype "$DTYPE" --out "$MODEL_DIR"
 step op_tests 120 op_tests
 step op_bench 45 op_bench
 step launches 30 "$PY" bench/count_launches.py --model "$MODEL_DIR" --device "$DEVICE" --layers 2 \

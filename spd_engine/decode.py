@@ -7,6 +7,7 @@ from typing import Callable, Collection, Iterable
 
 import torch
 
+from . import ops
 from .kv_cache import KVCache
 from .model import Model
 from .sampling import Noise, SamplingParams, draw, next_token, target_probs
@@ -54,6 +55,9 @@ class VanillaStep:
         self.num_out = torch.zeros(1, dtype=torch.long, device=dev)
         self.noise = None if params.greedy else Noise(params, dev, model.config.vocab_size)
         self.generator = self.noise.generator if self.noise else None
+        cfg = model.config
+        self.attention_plan = ops.plan_attention((1, 1, cfg.num_heads, cfg.head_dim), *cache.layer(0)[:2],
+                                                 backend=model.backend)
 
     def start(self, token: torch.Tensor) -> None:
         """The first generated token (from prefill) is the next step's input."""
@@ -61,7 +65,8 @@ class VanillaStep:
 
     def step(self) -> None:
         model = self.model
-        hidden = model.forward_layers(model.embed(self.token.view(1, 1)), 0, model.config.num_layers, self.cache)
+        hidden = model.forward_layers(model.embed(self.token.view(1, 1)), 0, model.config.num_layers, self.cache,
+                                      attention_plan=self.attention_plan)
         logits = model.logits(hidden[:, -1])  # (1, V)
         if self.params.greedy:
             chosen = logits.argmax(-1)

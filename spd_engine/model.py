@@ -206,6 +206,7 @@ class Model:
 
     def forward_layers(self, hidden: torch.Tensor, start: int, end: int, cache: KVCache,
                        anchors: AnchorCapture | None = None, cache_offset: int = 0, advance=None,
+                       attention_plan=None,
                        captures: Mapping[int, Callable[[torch.Tensor], None]] | None = None) -> torch.Tensor:
         """Run layers ``[start, end)`` on ``hidden`` (B, T, H) at the cache's current positions.
 
@@ -214,7 +215,8 @@ class Model:
         module's anchors; batch 1). ``cache_offset`` maps a model layer to its cache slot when a cache holds
         only a slice of the layers (one pipeline rank). ``advance`` overrides how far the lengths move (an int
         or a device tensor): the pipeline passes 0 for an idle stage, so its writes land past the live length
-        and are never read. ``captures`` (layers_done -> callback) is the older form of ``anchors``, kept
+        and are never read. ``attention_plan`` (``ops.plan_attention`` for this q shape and cache) makes every
+        layer's attention launch into workspaces allocated once. ``captures`` (layers_done -> callback) is the older form of ``anchors``, kept
         only until PDM training moves to ``anchors``.
         """
         cos, sin = self.rope_tables(cache.capacity)
@@ -226,7 +228,7 @@ class Model:
 
             def attend(q, k, v, k_cache=k_cache, v_cache=v_cache, lengths=lengths):
                 return ops.attention_with_kvcache(q, k_cache, v_cache, k, v, lengths, cos, sin,
-                                                  backend=self.backend)
+                                                  backend=self.backend, plan=attention_plan)
 
             hidden, residual = self.decoder_layer(self.layers[index], hidden, residual, attend)
             if index + 1 in anchor_column:

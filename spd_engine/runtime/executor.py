@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops
 from ..kv_cache import KVCache
 from ..model import AnchorCapture, Model
 
@@ -51,6 +52,10 @@ class LocalStage(StageExecutor):
         hidden_size = target.config.hidden_size
         self.out = torch.zeros(1, 1, hidden_size, dtype=target.dtype, device=target.device)
         self.anchors = torch.zeros(1, len(self.layers_done), hidden_size, dtype=target.dtype, device=target.device)
+        # One token per step: attention's split plan and workspaces, made once for all of this stage's layers.
+        cfg = target.config
+        self.attention_plan = ops.plan_attention((1, 1, cfg.num_heads, cfg.head_dim),
+                                                 *cache.layer(self.start - cache_offset)[:2], backend=target.backend)
 
     def prefill(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         anchors = torch.zeros(hidden.shape[1], len(self.layers_done), hidden.shape[-1], dtype=hidden.dtype,
@@ -67,7 +72,8 @@ class LocalStage(StageExecutor):
         active = (fill > self.stage).to(torch.int32)
         self.out.copy_(self.target.forward_layers(stage_in, self.start, self.end, self.cache,
                                                   anchors=AnchorCapture(self.layers_done, self.anchors),
-                                                  cache_offset=self.cache_offset, advance=active))
+                                                  cache_offset=self.cache_offset, advance=active,
+                                                  attention_plan=self.attention_plan))
         return self.out, self.anchors
 
 
