@@ -6,7 +6,7 @@ tokenizer files are enough for a same-shape SmolLM2) or from the configs embedde
 
     smollm2-135m   SmolLM2-135M-Instruct (the default model)    qwen2.5-0.5b  Qwen2.5-0.5B
     llama-3.2-1b   Llama-3.2-1B                                 llama-3-8b    Llama-3-8B
-    tiny           4 small layers, for dry runs on a CPU
+    tiny           4 small layers (head dim 64), for dry runs on a CPU
 
     python bench/random_model.py --config smollm2-135m --out /tmp/smollm2-random      # a HF directory
     python bench/random_model.py --config /path/to/config.json --tokenizer-from DIR --out DIR
@@ -45,8 +45,9 @@ CONFIGS: dict[str, dict] = {
                          num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, rope_theta=1000000.0,
                          rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=True,
                          max_position_embeddings=32768, bos_token_id=151643, eos_token_id=151645),
-    "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=512, rope_theta=10000.0,
+    # head dim 64, so the Triton and CUDA attention kernels (not the reference) run on it
+    "tiny": dict(model_type="llama", hidden_size=128, intermediate_size=192, num_hidden_layers=4,
+                 num_attention_heads=2, num_key_value_heads=1, vocab_size=512, rope_theta=10000.0,
                  rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=1024, bos_token_id=1,
                  eos_token_id=2),
 }

@@ -2,6 +2,9 @@
 fallback when capture fails; on a GPU, graphed decoding equals eager decoding token for token."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -95,18 +98,50 @@ def test_vanilla_greedy_equals_the_prefill_argmax_chain(model):
     assert out.token_ids == ids[len(PROMPT):]
 
 
+def gpu_model(kind: str, tiny_dir) -> Model:
+    """'reference': head dim 16, so attention runs the torch reference; 'kernels': bench/random_model.py's
+    tiny shape (head dim 64, bf16), so the CUDA / Triton attention kernels and their plans run."""
+    if kind == "reference":
+        return Model.from_pretrained(tiny_dir, device="cuda")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import random_model
+
+    return random_model.random_model("tiny", torch.device("cuda"), torch.bfloat16)
+
+
 @pytest.mark.gpu
 @requires_cuda
+@pytest.mark.parametrize("kind", ["reference", "kernels"])
 @pytest.mark.parametrize("mode,stages", [("vanilla", None), ("spd", 1), ("spd", 3)])
-def test_graphed_equals_eager_on_the_gpu(tiny_dir, mode, stages):
+def test_graphed_equals_eager_on_the_gpu(tiny_dir, mode, stages, kind):
     """Greedy, with an untrained PDM (rejections, flushes and rollbacks in almost every cycle)."""
-    model = Model.from_pretrained(tiny_dir, device="cuda")
+    model = gpu_model(kind, tiny_dir)
     outputs = {}
     for mode_flag in ("off", "on"):
         if mode == "vanilla":
             outputs[mode_flag] = generate_vanilla(model, PROMPT, 40, GREEDY, eos_ids=(), graph=mode_flag)
         else:
-            pdm = PDM.create(model, partition_layers(4, stages))
+            pdm = PDM.create(model, partition_layers(model.config.num_layers, stages))
             outputs[mode_flag] = generate_spd(model, pdm, PROMPT, 40, GREEDY, eos_ids=(), graph=mode_flag)
     assert outputs["on"].token_ids == outputs["off"].token_ids
     assert outputs["on"].trace == outputs["off"].trace
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("mode", ["vanilla", "spd"])
+def test_graphed_sampling_captures_and_repeats_per_seed(tiny_dir, mode, capsys):
+    """The noise generator is registered with the graph: capture succeeds (no fallback warning), a seed
+    repeats its tokens, and replays draw fresh numbers (a different seed gives different tokens)."""
+    model = gpu_model("kernels", tiny_dir)
+    pdm = PDM.create(model, partition_layers(model.config.num_layers, 2))
+
+    def sample(seed):
+        params = SamplingParams(temperature=1.0, seed=seed)
+        if mode == "vanilla":
+            return generate_vanilla(model, PROMPT, 32, params, eos_ids=(), graph="on").token_ids
+        return generate_spd(model, pdm, PROMPT, 32, params, eos_ids=(), graph="on").token_ids
+
+    first, again, other = sample(1), sample(1), sample(2)
+    assert "warning" not in capsys.readouterr().err
+    assert first == again and first != other
