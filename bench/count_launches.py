@@ -5,7 +5,10 @@ Triton kernel launches (interpreted) are counted at the launch site, and every o
 kernel on a GPU (aten compute ops: GEMVs, adds, copies) is counted by a dispatch hook; views and metadata ops
 launch nothing and are skipped.
 
-    python bench/count_launches.py --model default --backends torch triton --out bench/results/launches_cpu.json
+    python bench/count_launches.py --model default --out bench/results/launches_cpu.json
+
+Every backend is counted by default (torch, triton, cuda); one that cannot serve the device (the cuda backend
+on a CPU, an extension that is not built) is listed under "skipped" with the reason.
 """
 from __future__ import annotations
 
@@ -98,16 +101,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
     parser.add_argument("--layers", type=int, default=4, help="run layers [0, N) for one token")
-    parser.add_argument("--backends", nargs="+", default=["torch", "triton"])
+    parser.add_argument("--backends", nargs="+", default=["torch", "triton", "cuda"],
+                        choices=["torch", "triton", "cuda"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.device == "cpu" and "triton" in args.backends:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from spd_engine import Engine
+    from spd_engine import Engine, ops
 
-    results = {"model": args.model, "device": args.device, "layers": args.layers, "per_layer": {}}
+    results = {"model": args.model, "device": args.device, "layers": args.layers, "per_layer": {}, "skipped": {}}
     for backend in args.backends:
+        reason = ops.usable_reason(backend, torch.device(args.device))
+        if reason:
+            results["skipped"][backend] = reason
+            print(f"{backend:>6}: skipped ({reason})", file=sys.stderr)
+            continue
         model = Engine.load(args.model, device=args.device, dtype="float32" if args.device == "cpu" else "bfloat16",
                             backend=backend).model
         count = count_gpu(model, args.layers) if args.device == "cuda" else count_cpu(model, args.layers)

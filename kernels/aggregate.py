@@ -1,6 +1,6 @@
 """Multi-depth feature aggregation of the draft module (Triton), every row in one launch.
 
-Layout (DESIGN.md §1, spd_engine/ops/reference.py):
+Layout (docs/ARCHITECTURE.md, "The draft module"; spd_engine/ops/reference.py):
   anchors    (S, m, H): anchors[s, j] = h_{b_j} of token slot s; read in place, any slot/type stride,
              contiguous along H.
   weight_cat (H, H m (m+1) / 2): W_0 | W_1 | ... | W_{m-1} side by side; W_i is (H, (i+1) H) and starts at

@@ -4,6 +4,9 @@ Semantics are flash_attn_with_kvcache's with rotary_interleaved=False (see spd_e
 the Tq new keys are rotated (HF half rotation), written with their values at cache_seqlens[b] + [0, Tq),
 and the rotated queries attend over [0, cache_seqlens[b] + Tq), causal and bottom-right aligned.
 
+``plan`` (host: split-KV grid and workspaces from the capacity, once) and ``run`` (launches only, capturable)
+split the work as FlashInfer does; ``attention_with_kvcache`` is one plan and one run.
+
 Launch structure (two kernels; one when the plan has a single split):
   _attention_split_kernel  grid (num_splits, row_tiles * hkv, batch)
     One program owns one KV head of one sequence, one split of the key range and BLOCK_M query rows.
@@ -17,6 +20,8 @@ Launch structure (two kernels; one when the plan has a single split):
   _attention_combine_kernel  grid (batch * tq * hq): merges the per-split partials by their log-sum-exp.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -190,34 +195,64 @@ def _check_inputs(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_s
         raise ValueError(f"rotary tables must be (positions, {D // 2})")
 
 
-def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=None, rotary_sin=None,
-                           softmax_scale=None, causal=True, *, num_splits=None):
-    """See spd_engine.ops.reference.attention_with_kvcache. ``num_splits`` overrides the capacity plan
-    (tests use it to cover both the single-split and the combine path)."""
-    _check_inputs(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin)
-    B, Tq, Hq, D = q.shape
-    S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
-    group = Hq // Hkv
+@dataclass(frozen=True)
+class AttentionPlan:
+    """What one attention shape needs, decided on the host from the cache capacity (FlashInfer's plan/run
+    split): the split-KV grid, and the output and split workspaces, allocated once. ``run`` launches into
+    them without allocating, so it can be captured on any stream. One plan serves every layer of a stage:
+    they run one after another on one stream, and each layer's output is consumed before the next runs."""
+    q_shape: tuple[int, int, int, int]  # (B, Tq, Hq, D)
+    num_kv_heads: int
+    capacity: int
+    block_m: int
+    row_tiles: int
+    num_splits: int
+    split_len: int
+    out: torch.Tensor
+    partial_out: torch.Tensor
+    partial_lse: torch.Tensor
+
+
+def plan(q_shape, num_kv_heads: int, capacity: int, dtype: torch.dtype, device, num_splits: int | None = None
+         ) -> AttentionPlan:
+    """``num_splits`` overrides the capacity plan (tests use it to cover both the single-split and the combine
+    path)."""
+    B, Tq, Hq, D = q_shape
+    group = Hq // num_kv_heads
     block_m = max(16, min(MAX_BLOCK_M, triton.next_power_of_2(Tq * group)))
     row_tiles = triton.cdiv(Tq * group, block_m)
     if num_splits is None:
-        num_splits, split_len = plan_splits(B * Hkv * row_tiles, S_max, BLOCK_N, q.device)
+        num_splits, split_len = plan_splits(B * num_kv_heads * row_tiles, capacity, BLOCK_N, torch.device(device))
     else:
-        split_len = triton.cdiv(triton.cdiv(S_max, num_splits), BLOCK_N) * BLOCK_N
-        num_splits = triton.cdiv(S_max, split_len)
-    scale = softmax_scale if softmax_scale is not None else D ** -0.5
-
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        split_len = triton.cdiv(triton.cdiv(capacity, num_splits), BLOCK_N) * BLOCK_N
+        num_splits = triton.cdiv(capacity, split_len)
+    out = torch.empty(q_shape, dtype=dtype, device=device)
     if num_splits > 1:
-        partial_out = torch.empty((num_splits, B, Tq, Hq, D), dtype=torch.float32, device=q.device)
-        partial_lse = torch.empty((num_splits, B, Tq, Hq), dtype=torch.float32, device=q.device)
+        partial_out = torch.empty((num_splits, B, Tq, Hq, D), dtype=torch.float32, device=device)
+        partial_lse = torch.empty((num_splits, B, Tq, Hq), dtype=torch.float32, device=device)
     else:
         partial_out = partial_lse = out  # never touched with a single split
+    return AttentionPlan(tuple(q_shape), num_kv_heads, capacity, block_m, row_tiles, num_splits, split_len, out,
+                         partial_out, partial_lse)
+
+
+def run(attention_plan: AttentionPlan, q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=None, rotary_sin=None,
+        softmax_scale=None, causal=True) -> torch.Tensor:
+    """Attention into ``attention_plan.out`` (returned); the plan must match q's shape and the cache's."""
+    _check_inputs(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin)
+    B, Tq, Hq, D = q.shape
+    S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
+    p = attention_plan
+    if p.q_shape != tuple(q.shape) or p.capacity != S_max or p.num_kv_heads != Hkv or p.out.dtype != q.dtype:
+        raise ValueError(f"this attention plan is for q {p.q_shape} {p.out.dtype}, {p.num_kv_heads} KV heads, capacity "
+                         f"{p.capacity}; got q {tuple(q.shape)} {q.dtype}, {Hkv} KV heads, capacity {S_max}")
+    scale = softmax_scale if softmax_scale is not None else D ** -0.5
+    out = p.out
     has_rotary = rotary_cos is not None
     cos = rotary_cos if has_rotary else q  # placeholders are never read when HAS_ROTARY is False
     sin = rotary_sin if has_rotary else q
-    _attention_split_kernel[(num_splits, row_tiles * Hkv, B)](
-        q, k_cache, v_cache, k, v, cache_seqlens, cos, sin, out, partial_out, partial_lse,
+    _attention_split_kernel[(p.num_splits, p.row_tiles * Hkv, B)](
+        q, k_cache, v_cache, k, v, cache_seqlens, cos, sin, out, p.partial_out, p.partial_lse,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -225,15 +260,25 @@ def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         cos.stride(0) if has_rotary else 0, cos.shape[0] if has_rotary else 0,
-        B, Tq, Hq, Hkv, S_max, split_len, scale * 1.4426950408889634,
-        GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-        HAS_ROTARY=has_rotary, CAUSAL=bool(causal), SINGLE_SPLIT=num_splits == 1,
+        B, Tq, Hq, Hkv, S_max, p.split_len, scale * 1.4426950408889634,
+        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_M=p.block_m, BLOCK_N=BLOCK_N,
+        HAS_ROTARY=has_rotary, CAUSAL=bool(causal), SINGLE_SPLIT=p.num_splits == 1,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4, num_stages=2,
     )
-    if num_splits > 1:
+    if p.num_splits > 1:
         _attention_combine_kernel[(B * Tq * Hq,)](
-            partial_out, partial_lse, out, out.stride(0), out.stride(1), out.stride(2), Tq, Hq, B * Tq * Hq,
-            num_splits, HEAD_DIM=D, SPLITS=triton.next_power_of_2(num_splits), num_warps=4,
+            p.partial_out, p.partial_lse, out, out.stride(0), out.stride(1), out.stride(2), Tq, Hq, B * Tq * Hq,
+            p.num_splits, HEAD_DIM=D, SPLITS=triton.next_power_of_2(p.num_splits), num_warps=4,
         )
     return out
+
+
+def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=None, rotary_sin=None,
+                           softmax_scale=None, causal=True, *, num_splits=None):
+    """See spd_engine.ops.reference.attention_with_kvcache: a plan made for this call, then its run (the output
+    is the plan's own, fresh per call). ``num_splits`` overrides the capacity plan."""
+    _check_inputs(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin)
+    attention_plan = plan(tuple(q.shape), k_cache.shape[2], k_cache.shape[1], q.dtype, q.device, num_splits)
+    return run(attention_plan, q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, softmax_scale,
+               causal)

@@ -7,8 +7,17 @@ import json
 import sys
 
 from .errors import UserError
+from .stages import stage_layers_arg
 
 EXIT_USER_ERROR = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's error format: a bad flag is one ``spd-engine: error: ...`` line (exit 2),
+    like every other user mistake, instead of a usage block."""
+
+    def error(self, message: str):
+        raise UserError(message)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -21,12 +30,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_spd_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", type=int, default=None, help="number of pipeline stages n (1..L)")
-    p.add_argument("--stage-layers", default=None, help="explicit layers per stage, e.g. 8,8,7,7")
+    p.add_argument("--stage-layers", type=stage_layers_arg, default=None,
+                   help="explicit layers per stage, e.g. 8,8,7,7")
     p.add_argument("--pdm", default=None, help="draft module checkpoint directory, or 'untrained'")
+    p.add_argument("--graph", choices=["auto", "on", "off"], default="auto",
+                   help="replay each decode step / SPD cycle as a CUDA graph, with a stream per stage "
+                        "(auto: on a CUDA device)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spd-engine", description="Speculative Pipeline Decoding engine")
+    parser = Parser(prog="spd-engine", description="Speculative Pipeline Decoding engine")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text (vanilla or SPD)")
@@ -70,19 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_generate(args) -> int:
     from .engine import Engine
-    from .stages import parse_stage_layers
-
     if args.distributed:
         from .runtime.distributed import run_distributed_generate
 
         return run_distributed_generate(args)
-    stage_layers = parse_stage_layers(args.stage_layers) if args.stage_layers else None
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     stream = None if args.json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     out = engine.generate(args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens, mode=args.mode,
-                          stages=args.stages, stage_layers=stage_layers, pdm=args.pdm,
+                          stages=args.stages, stage_layers=args.stage_layers, pdm=args.pdm,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          stream=stream)
+                          stream=stream, graph=args.graph)
     if args.json:
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "prompt_ids": out.prompt_ids,
                           "stats": out.stats}))
@@ -139,8 +149,8 @@ def cmd_info(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except UserError as exc:
         print(f"spd-engine: error: {exc}", file=sys.stderr)

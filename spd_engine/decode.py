@@ -7,9 +7,10 @@ from typing import Callable, Collection, Iterable
 
 import torch
 
+from . import ops
 from .kv_cache import KVCache
 from .model import Model
-from .sampling import SamplingParams, next_token
+from .sampling import Noise, SamplingParams, draw, next_token, target_probs
 
 TokenCallback = Callable[[list[int]], None]
 
@@ -41,29 +42,91 @@ def stop_reached(token_ids: list[int], eos_ids: Collection[int], max_new_tokens:
     return len(token_ids) >= max_new_tokens or (bool(token_ids) and token_ids[-1] in eos_ids)
 
 
+class VanillaStep:
+    """One decode step over buffers allocated once: the model on ``token`` at the cache's position, then the
+    next token (greedy, or drawn with this step's uniforms) into ``token`` and ``out_tokens``. No host sync and
+    no generator inside :meth:`step`, so it compiles whole and replays as a CUDA graph."""
+
+    def __init__(self, model: Model, cache: KVCache, params: SamplingParams):
+        dev = model.device
+        self.model, self.cache, self.params = model, cache, params
+        self.token = torch.zeros(1, dtype=torch.long, device=dev)
+        self.out_tokens = torch.zeros(cache.capacity, dtype=torch.long, device=dev)
+        self.num_out = torch.zeros(1, dtype=torch.long, device=dev)
+        self.noise = None if params.greedy else Noise(params, dev, model.config.vocab_size)
+        self.generator = self.noise.generator if self.noise else None
+        cfg = model.config
+        self.attention_plan = ops.plan_attention((1, 1, cfg.num_heads, cfg.head_dim), *cache.layer(0)[:2],
+                                                 backend=model.backend)
+
+    def start(self, token: torch.Tensor) -> None:
+        """The first generated token (from prefill) is the next step's input."""
+        self.token.copy_(token.view(1))
+
+    def step(self) -> None:
+        model = self.model
+        hidden = model.forward_layers(model.embed(self.token.view(1, 1)), 0, model.config.num_layers, self.cache,
+                                      attention_plan=self.attention_plan)
+        logits = model.logits(hidden[:, -1])  # (1, V)
+        if self.params.greedy:
+            chosen = logits.argmax(-1)
+        else:
+            probs = target_probs(logits, self.params)[0]
+            chosen = draw(probs, self.noise.take(0, probs.shape[0])).view(1)
+        self.token.copy_(chosen)
+        self.out_tokens.index_copy_(0, self.num_out.clamp(max=self.cache.capacity - 1), chosen)
+        self.num_out += 1
+
+    def cycle(self) -> None:
+        """This step's uniforms (sampling only), then :meth:`step`."""
+        if self.noise is not None:
+            self.noise.refill()
+        self.step()
+
+
 def generate_vanilla(model: Model, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
-                     eos_ids: Iterable[int], on_tokens: TokenCallback | None = None) -> GenerationResult:
-    """Prefill, then one full forward per token. Stops at an EOS id (kept in the output) or the limit."""
+                     eos_ids: Iterable[int], on_tokens: TokenCallback | None = None,
+                     graph: str = "off") -> GenerationResult:
+    """Prefill, then one full forward per token. Stops at an EOS id (kept in the output) or the limit.
+    ``graph`` (auto | on | off) replays the step as a CUDA graph and reads tokens back every few steps."""
+    from .runtime.graph import READBACK_EVERY, graphed_step, use_graphs
+
     eos_ids = set(eos_ids)
-    cache = model.new_cache(cache_capacity(len(prompt_ids), max_new_tokens))
+    graphed = use_graphs(graph, model.device)
+    readback = READBACK_EVERY if graphed else 1
+    # Steps run in batches of `readback`: room for the ones that run past the last token.
+    cache = model.new_cache(cache_capacity(len(prompt_ids), max_new_tokens, extra=readback))
     cache.check_room(len(prompt_ids) + max_new_tokens)
-    generator = params.generator(model.device)
+    decoder = VanillaStep(model, cache, params)
     start = time.perf_counter()
+    capture_seconds = 0.0
     with torch.inference_mode():
         logits = prefill(model, cache, prompt_ids)
+        first = next_token(logits, params, decoder.generator)  # (1,)
         prefill_seconds = time.perf_counter() - start
-        tokens: list[int] = []
-        while True:
-            token = next_token(logits, params, generator)  # (1,)
-            tokens.append(int(token))
-            if on_tokens:
-                on_tokens(tokens[-1:])
-            if stop_reached(tokens, eos_ids, max_new_tokens):
-                break
-            hidden = model.forward_layers(model.embed(token[:, None]), 0, model.config.num_layers, cache)
-            logits = model.logits(hidden[:, -1])
+        tokens = [int(first)]
+        if on_tokens:
+            on_tokens(tokens[-1:])
+        decoder.start(first)
+        if not stop_reached(tokens, eos_ids, max_new_tokens):
+            if graphed:
+                captured = time.perf_counter()
+                step = graphed_step(decoder)  # its warm-up steps are real steps of this generation
+                capture_seconds = time.perf_counter() - captured
+            else:
+                step = decoder.cycle
+        while not stop_reached(tokens, eos_ids, max_new_tokens):
+            for _ in range(readback):
+                step()
+            produced = int(decoder.num_out)  # the one host sync per batch of steps
+            for token in decoder.out_tokens[len(tokens) - 1: produced].tolist():
+                tokens.append(token)
+                if on_tokens:
+                    on_tokens([token])
+                if stop_reached(tokens, eos_ids, max_new_tokens):
+                    break
     seconds = time.perf_counter() - start
-    decode_seconds = seconds - prefill_seconds
+    decode_seconds = seconds - prefill_seconds - capture_seconds
     return GenerationResult(prompt_ids, tokens, {
         "mode": "vanilla",
         "new_tokens": len(tokens),
@@ -71,6 +134,9 @@ def generate_vanilla(model: Model, prompt_ids: list[int], max_new_tokens: int, p
         "tokens_per_s": len(tokens) / seconds if seconds > 0 else 0.0,
         "prefill_seconds": prefill_seconds,
         "decode_tokens_per_s": (len(tokens) - 1) / decode_seconds if decode_seconds > 0 and len(tokens) > 1 else 0.0,
+        "graph": graphed,
+        "capture_seconds": capture_seconds,
+        "readback_every": readback,
     })
 
 

@@ -94,9 +94,10 @@ class Engine:
                  max_new_tokens: int = 128, mode: str = "vanilla", stages: int | None = None,
                  stage_layers: list[int] | None = None, pdm=None, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, ignore_eos: bool = False,
-                 stream: Callable[[str], None] | None = None) -> Output:
+                 stream: Callable[[str], None] | None = None, graph: str = "auto") -> Output:
         """Generate up to ``max_new_tokens``; stops at the model's end-of-turn/EOS (kept in the output) unless
-        ``ignore_eos`` (benchmarks want a fixed token count)."""
+        ``ignore_eos`` (benchmarks want a fixed token count). ``graph`` (auto | on | off): CUDA graphs, see
+        :mod:`spd_engine.runtime.graph`."""
         if mode not in MODES:
             raise UserError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")
         params = SamplingParams(temperature, top_k, top_p, seed)
@@ -109,11 +110,13 @@ class Engine:
         on_tokens = (lambda ids: stream(streamer.push(ids))) if stream else None
         eos_ids = set() if ignore_eos else self.eos_ids
         if mode == "vanilla":
-            result = generate_vanilla(self.model, prompt_ids, max_new_tokens, params, eos_ids, on_tokens)
+            result = generate_vanilla(self.model, prompt_ids, max_new_tokens, params, eos_ids, on_tokens,
+                                      graph=graph)
         else:
             from .spd import generate_spd, resolve_pdm
 
             draft = resolve_pdm(self, pdm, stages=stages, stage_layers=stage_layers)
-            result = generate_spd(self.model, draft, prompt_ids, max_new_tokens, params, eos_ids, on_tokens)
+            result = generate_spd(self.model, draft, prompt_ids, max_new_tokens, params, eos_ids, on_tokens,
+                                  graph=graph)
         return Output(result.prompt_ids, result.token_ids, result.stats, result.trace,
                       text=self.tokenizer.decode(result.token_ids))

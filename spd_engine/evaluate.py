@@ -22,7 +22,6 @@ from .errors import UserError
 from .jsonl import read_jsonl, write_text_atomic
 from .sampling import SamplingParams
 from .spd import generate_spd, resolve_pdm
-from .stages import parse_stage_layers
 from .teacher_forced import evaluate_teacher_forced, target_answers
 
 METHODS = ("spd", "teacher-forced")
@@ -55,10 +54,11 @@ def _first_mismatch(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def evaluate_prompt(engine, pdm, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams) -> dict:
+def evaluate_prompt(engine, pdm, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
+                    graph: str = "auto") -> dict:
     """One prompt in both modes. ``lossless`` is checked at temperature 0 only (None otherwise)."""
-    vanilla = generate_vanilla(engine.model, prompt_ids, max_new_tokens, params, engine.eos_ids)
-    spd = generate_spd(engine.model, pdm, prompt_ids, max_new_tokens, params, engine.eos_ids)
+    vanilla = generate_vanilla(engine.model, prompt_ids, max_new_tokens, params, engine.eos_ids, graph=graph)
+    spd = generate_spd(engine.model, pdm, prompt_ids, max_new_tokens, params, engine.eos_ids, graph=graph)
     stats = spd.stats
     mismatch = _first_mismatch(vanilla.token_ids, spd.token_ids) if params.greedy else None
     return {
@@ -134,10 +134,10 @@ def _load_prompts(engine, datasets: list[str], limit: int | None, max_new_tokens
 def evaluate(engine, datasets: list[str], *, pdm=None, stages: int | None = None,
              stage_layers: list[int] | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
              seed: int | None = None, limit: int | None = None, method: str = "spd",
-             answers_cache: str | Path | None = None, progress: bool = True) -> dict:
+             answers_cache: str | Path | None = None, progress: bool = True, graph: str = "auto") -> dict:
     """Every dataset's prompts in vanilla and SPD mode (``method="spd"``), or teacher-forced; returns the full
     report (per prompt and per dataset). ``pdm`` is a PDM directory, ``"untrained"`` or None (the model's
-    shipped PDM), as for generate."""
+    shipped PDM), as for generate. ``graph``: CUDA graphs for both modes, as for generate."""
     if method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)}, got '{method}'")
     if method == "teacher-forced":
@@ -151,7 +151,7 @@ def evaluate(engine, datasets: list[str], *, pdm=None, stages: int | None = None
     draft = resolve_pdm(engine, pdm, stages=stages, stage_layers=stage_layers)
     n = draft.config.stages
     first = next(iter(encoded.values()))[0]
-    evaluate_prompt(engine, draft, first, min(WARMUP_TOKENS, max_new_tokens), params)
+    evaluate_prompt(engine, draft, first, min(WARMUP_TOKENS, max_new_tokens), params, graph)
 
     report = _report_header(engine, draft, pdm, method, params, max_new_tokens)
     total = sum(len(prompts) for prompts in encoded.values())
@@ -161,7 +161,7 @@ def evaluate(engine, datasets: list[str], *, pdm=None, stages: int | None = None
             results = []
             for question, ids in zip(questions, encoded[path]):
                 results.append({"question_id": question["question_id"],
-                                **evaluate_prompt(engine, draft, ids, max_new_tokens, params)})
+                                **evaluate_prompt(engine, draft, ids, max_new_tokens, params, graph)})
                 bar.update(1)
                 bar.set_postfix(accept=f"{summarize(results, n)['acceptance_rate']:.3f}")
             name = _dataset_name(path, report["datasets"])
@@ -255,12 +255,11 @@ def run(args) -> int:
     """Exit status 1 when any temperature-0 prompt was not lossless."""
     from .engine import Engine
 
-    stage_layers = parse_stage_layers(args.stage_layers) if args.stage_layers else None
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
-    report = evaluate(engine, args.data, pdm=args.pdm, stages=args.stages, stage_layers=stage_layers,
+    report = evaluate(engine, args.data, pdm=args.pdm, stages=args.stages, stage_layers=args.stage_layers,
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                       limit=args.limit, method=args.method,
-                      answers_cache=args.answers_cache)
+                      answers_cache=args.answers_cache, graph=args.graph)
     print(format_table(report))
     if args.out:
         out = Path(args.out)

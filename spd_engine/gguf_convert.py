@@ -18,9 +18,8 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import gguf
 import numpy as np
 import torch
 from safetensors.torch import save_file
@@ -28,6 +27,9 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from tqdm import tqdm
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import gguf
 
 __all__ = ["convert_gguf", "default_gguf_path", "default_model_dir", "cache_root", "DefaultModelNotInstalled"]
 
@@ -77,6 +79,19 @@ class DefaultModelNotInstalled(FileNotFoundError, UserError):
     Also a UserError so the CLI prints it as one line instead of a traceback."""
 
 
+GGUF_INSTALL = "pip install 'spd-engine[gguf]'"
+
+
+def _gguf():
+    """The ``gguf`` package, imported only when a GGUF file is actually read: it is an optional dependency,
+    so loading a Hugging Face directory (or the already-converted default model) never needs it."""
+    try:
+        import gguf
+    except ImportError:
+        raise UserError(f"reading a GGUF file needs the 'gguf' package; fix: {GGUF_INSTALL}") from None
+    return gguf
+
+
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +110,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"output directory '{out_dir}' already exists and is not empty; remove it or choose another")
-    reader = gguf.GGUFReader(gguf_path)
+    reader = _gguf().GGUFReader(gguf_path)
     meta = _Metadata(reader, gguf_path)
 
     architecture = meta.get("general.architecture")
@@ -170,7 +185,7 @@ def default_model_dir() -> Path:
 class _Metadata:
     """GGUF key/value metadata as plain Python values."""
 
-    def __init__(self, reader: gguf.GGUFReader, path: Path):
+    def __init__(self, reader: "gguf.GGUFReader", path: Path):
         self._reader = reader
         self.path = path
 
@@ -227,7 +242,7 @@ def _model_config(meta: _Metadata, arch: str, tensors: dict, dtype: torch.dtype)
 
 def _rope_scaling(meta: _Metadata, arch: str, tensors: dict, rope_theta: float, head_dim: int) -> dict | None:
     if _ROPE_FREQS_TENSOR in tensors:
-        divisors = gguf.quants.dequantize(tensors[_ROPE_FREQS_TENSOR].data, tensors[_ROPE_FREQS_TENSOR].tensor_type)
+        divisors = _gguf().quants.dequantize(tensors[_ROPE_FREQS_TENSOR].data, tensors[_ROPE_FREQS_TENSOR].tensor_type)
         original_context = int(meta.get(f"{arch}.rope.scaling.original_context_length",
                                         _LLAMA3_DEFAULT_ORIGINAL_CONTEXT))
         return _llama3_rope_scaling(np.asarray(divisors, dtype=np.float64).ravel(), rope_theta, head_dim,
@@ -327,8 +342,9 @@ def _tokenizer(meta: _Metadata, context_length: int) -> tuple[Tokenizer, dict]:
     model = meta.get("tokenizer.ggml.model")
     if model != "gpt2":
         raise UserError(f"'{meta.path.name}' has a {model!r} tokenizer; only byte-level BPE ('gpt2') is supported")
+    TokenType = _gguf().TokenType
     tokens = meta.require("tokenizer.ggml.tokens")
-    token_types = meta.get("tokenizer.ggml.token_type", [gguf.TokenType.NORMAL] * len(tokens))
+    token_types = meta.get("tokenizer.ggml.token_type", [TokenType.NORMAL] * len(tokens))
     merges = [tuple(merge.split(" ", 1)) for merge in meta.require("tokenizer.ggml.merges")]
     pre_tokenizer, ignore_merges = _pre_tokenizer(meta.get("tokenizer.ggml.pre"), meta.path)
 
@@ -339,9 +355,9 @@ def _tokenizer(meta: _Metadata, context_length: int) -> tuple[Tokenizer, dict]:
     # Control tokens (<|im_start|> ...) must match whole in text and vanish on skip_special_tokens;
     # user-defined ones also match whole but are ordinary text.
     tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)
-                                  for token, kind in zip(tokens, token_types) if kind == gguf.TokenType.CONTROL])
+                                  for token, kind in zip(tokens, token_types) if kind == TokenType.CONTROL])
     tokenizer.add_tokens([AddedToken(token, special=False, normalized=False)
-                          for token, kind in zip(tokens, token_types) if kind == gguf.TokenType.USER_DEFINED])
+                          for token, kind in zip(tokens, token_types) if kind == TokenType.USER_DEFINED])
 
     def special_id(key: str) -> int | None:
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
@@ -401,7 +417,7 @@ def _unpermute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def _convert_tensors(reader: gguf.GGUFReader, path: Path, config: dict, dtype: torch.dtype,
+def _convert_tensors(reader: "gguf.GGUFReader", path: Path, config: dict, dtype: torch.dtype,
                      progress: bool) -> dict[str, torch.Tensor]:
     row_heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     state_dict = {}
@@ -411,7 +427,7 @@ def _convert_tensors(reader: gguf.GGUFReader, path: Path, config: dict, dtype: t
         hf_name = _hf_tensor_name(tensor.name, path)
         # GGUF lists dimensions fastest-first, the reverse of numpy/torch.
         shape = tuple(int(dim) for dim in reversed(tensor.shape))
-        weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+        weight = _gguf().quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
         projection = hf_name.rsplit(".", 2)[-2]
         if projection in row_heads:
             weight = _unpermute_rows(weight, row_heads[projection])

@@ -56,12 +56,14 @@ class KVCache:
         else:
             target.copy_(length.expand_as(target))
 
-    def rollback(self, length) -> None:
-        """Cut every layer back to at most ``length`` entries: O(1), no data moves, no host sync."""
+    def rollback(self, length, start: int = 0, end: int | None = None) -> None:
+        """Cut layers [start, end) (default: all) back to at most ``length`` entries: O(1), no data moves, no
+        host sync. ``length`` is an int or a device tensor."""
+        target = self.lengths[start:end]
         if isinstance(length, int):
-            self.lengths.clamp_(max=length)
+            target.clamp_(max=length)
         else:
-            torch.minimum(self.lengths, length.to(self.lengths.dtype), out=self.lengths)
+            torch.minimum(target, length.to(target.dtype), out=target)
 
     def reset(self) -> None:
         self.lengths.zero_()

@@ -20,6 +20,15 @@ from .kv_cache import KVCache
 from .weights import load_state_dict
 
 
+@dataclass(frozen=True)
+class AnchorCapture:
+    """Where :meth:`Model.forward_layers` stores anchor hidden states: ``out[:, i]`` (T, k, H) receives the
+    residual-stream state of every row after ``layers_done[i]`` layers. The buffer belongs to the caller
+    (allocated once), so a captured step writes in place."""
+    layers_done: tuple[int, ...]
+    out: torch.Tensor
+
+
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # (H,)
@@ -196,28 +205,34 @@ class Model:
         return ops.swiglu_mlp(x, layer.gate_up, layer.down, backend=self.backend), residual
 
     def forward_layers(self, hidden: torch.Tensor, start: int, end: int, cache: KVCache,
-                       captures: Mapping[int, Callable[[torch.Tensor], None]] | None = None, cache_offset: int = 0,
-                       advance=None) -> torch.Tensor:
+                       anchors: AnchorCapture | None = None, cache_offset: int = 0, advance=None,
+                       attention_plan=None,
+                       captures: Mapping[int, Callable[[torch.Tensor], None]] | None = None) -> torch.Tensor:
         """Run layers ``[start, end)`` on ``hidden`` (B, T, H) at the cache's current positions.
 
         Each layer's new K/V are written at position ``cache.lengths[layer]`` (a device tensor), and its
-        length then advances by T. ``captures`` maps layers_done -> a function that stores the hidden state
-        after that many layers (the draft module's anchors). ``cache_offset`` maps a
-        model layer to its cache slot when a cache holds only a slice of the layers (one pipeline rank).
-        ``advance`` overrides how far the lengths move (an int or a device tensor): the pipeline passes 0 for
-        an idle stage, so its writes land past the live length and are never read.
+        length then advances by T. ``anchors`` stores the hidden state after chosen layer counts (the draft
+        module's anchors; batch 1). ``cache_offset`` maps a model layer to its cache slot when a cache holds
+        only a slice of the layers (one pipeline rank). ``advance`` overrides how far the lengths move (an int
+        or a device tensor): the pipeline passes 0 for an idle stage, so its writes land past the live length
+        and are never read. ``attention_plan`` (``ops.plan_attention`` for this q shape and cache) makes every
+        layer's attention launch into workspaces allocated once. ``captures`` (layers_done -> callback) is the older form of ``anchors``, kept
+        only until PDM training moves to ``anchors``.
         """
         cos, sin = self.rope_tables(cache.capacity)
         captures = captures or {}
+        anchor_column = {done: i for i, done in enumerate(anchors.layers_done)} if anchors is not None else {}
         residual = None
         for index in range(start, end):
             k_cache, v_cache, lengths = cache.layer(index - cache_offset)
 
             def attend(q, k, v, k_cache=k_cache, v_cache=v_cache, lengths=lengths):
                 return ops.attention_with_kvcache(q, k_cache, v_cache, k, v, lengths, cos, sin,
-                                                  backend=self.backend)
+                                                  backend=self.backend, plan=attention_plan)
 
             hidden, residual = self.decoder_layer(self.layers[index], hidden, residual, attend)
+            if index + 1 in anchor_column:
+                anchors.out[:, anchor_column[index + 1]].copy_((hidden + residual)[0])
             if index + 1 in captures:
                 captures[index + 1](hidden + residual)
         cache.advance(start - cache_offset, end - cache_offset, hidden.shape[1] if advance is None else advance)

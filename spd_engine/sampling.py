@@ -1,4 +1,9 @@
-"""Sampling parameters and the target distribution they define (temperature, top-k, top-p)."""
+"""Sampling parameters, the target distribution they define (temperature, top-k, top-p), and drawing from it.
+
+Every draw is an exponential race over uniforms taken from a preallocated device buffer: the decoding step
+itself never touches a ``torch.Generator`` (torch.compile cannot trace one) and never allocates. Only
+:meth:`Noise.refill` does, once per step, and a CUDA graph captures that one op with the generator registered.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -55,10 +60,38 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs
 
 
+def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One index per row of ``probs`` (any non-negative weights, unnormalised is fine), distributed as probs.
+
+    Exponential race: with E_i = -log(u_i) ~ Exp(1) independent, argmax_i probs_i / E_i picks i with probability
+    probs_i / sum(probs). ``uniforms`` in [0, 1) with probs' shape; u = 0 gives E = inf, a weight of 0, so no
+    NaN can arise. Shape-static and sync-free, unlike torch.multinomial with a generator.
+    """
+    return (probs / -torch.log(uniforms)).argmax(-1)
+
+
+class Noise:
+    """The uniforms one decoding step consumes, in a buffer allocated once, and the generator that fills it.
+
+    ``refill()`` is the step's only random op. Everything downstream reads ``take(offset, count)`` views, so the
+    step is ordinary tensor code that compiles without graph breaks and replays in a CUDA graph (which
+    registers ``generator`` so every replay draws fresh numbers).
+    """
+
+    def __init__(self, params: SamplingParams, device, size: int):
+        self.generator = params.generator(device)
+        self.uniforms = torch.zeros(size, dtype=torch.float32, device=device)
+
+    def refill(self) -> None:
+        self.uniforms.uniform_(generator=self.generator)
+
+    def take(self, offset: int, count: int) -> torch.Tensor:
+        return self.uniforms.narrow(0, offset, count)
+
+
 def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """Greedy argmax or one draw from :func:`target_probs`; returns int64 ids with the leading dims of logits."""
     if params.greedy:
         return logits.argmax(-1)
     probs = target_probs(logits, params)
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+    return draw(probs, torch.rand(probs.shape, generator=generator, device=probs.device))

@@ -1,6 +1,6 @@
 """Speculative Pipeline Decoding: the cycle state, one cycle as one function, and the eager driver.
 
-Fixed-shape state, all on the device (DESIGN.md §1):
+Fixed-shape state, all on the device (docs/ARCHITECTURE.md, "The cycle"):
 
 * positions: the newest in-flight token sits at position ``newest`` (depth 0); ``fill`` tokens are in
   flight, at positions newest, newest-1, ..., newest-fill+1 (depths 0..fill-1). Older positions are
@@ -24,7 +24,8 @@ from .decode import GenerationResult, TokenCallback, cache_capacity, stop_reache
 from .errors import UserError
 from .model import Model
 from .pdm import PDM
-from .sampling import SamplingParams, next_token, target_probs
+from .runtime.executor import Lanes, LocalStage, StageExecutor
+from .sampling import Noise, SamplingParams, draw, next_token, target_probs
 from .stages import partition_layers
 
 
@@ -34,37 +35,55 @@ def stage_anchor_layers(anchors: list[int], stage_bounds) -> list[list[tuple[int
 
 
 class SPDState:
-    def __init__(self, target: Model, pdm: PDM, capacity: int, params: SamplingParams):
+    """The cycle state. By default every stage runs here (:class:`LocalStage` executors over one full-model
+    cache, eager :class:`Lanes`); a runtime that runs stages elsewhere passes its own ``stages`` and ``lanes``
+    (then this state holds no target layers: ``cache`` is None)."""
+
+    def __init__(self, target: Model, pdm: PDM, capacity: int, params: SamplingParams, max_cycles: int = 0,
+                 stages: list[StageExecutor] | None = None, lanes: Lanes | None = None):
         cfg, dev = target.config, target.device
         self.target, self.pdm, self.params = target, pdm, params
         self.stage_bounds = [tuple(b) for b in pdm.config.stage_bounds]
         self.n = n = len(self.stage_bounds)
         self.slots = n + 1
-        m, H = len(pdm.config.anchors), cfg.hidden_size
+        m, H, K = len(pdm.config.anchors), cfg.hidden_size, pdm.config.draft_vocab_size
         self.capacity = capacity
-        self.cache = self.new_target_cache(capacity)
+        self.cache = target.new_cache(capacity) if stages is None else None
         self.pdm_cache = pdm.tower.new_cache(capacity)
         self.anchors = torch.zeros(self.slots, m, H, dtype=target.dtype, device=dev)
         self.ring_tokens = torch.zeros(self.slots, dtype=torch.long, device=dev)
-        self.draft_q = torch.zeros(self.slots, pdm.config.draft_vocab_size, dtype=torch.float32, device=dev)
+        self.draft_q = torch.zeros(self.slots, K, dtype=torch.float32, device=dev)
         self.stage_in = torch.zeros(n, 1, 1, H, dtype=target.dtype, device=dev)  # stage_in[s]: input of stage s+1
         self.stage_out = torch.zeros_like(self.stage_in)
         self.newest = torch.zeros(1, dtype=torch.long, device=dev)
         self.fill = torch.zeros(1, dtype=torch.long, device=dev)
+        self.cut = torch.full((1,), capacity, dtype=torch.int32, device=dev)  # the last flush, for the stages
         self.out_tokens = torch.zeros(capacity, dtype=torch.long, device=dev)
         self.num_out = torch.zeros(1, dtype=torch.long, device=dev)
         self.accepted = torch.zeros(1, dtype=torch.long, device=dev)
         self.rejected = torch.zeros(1, dtype=torch.long, device=dev)
-        self.generator = params.generator(dev)
+        # Per-cycle history, so a driver that reads back only every few cycles still knows exactly which cycle
+        # committed which token and whether it was an accepted draft.
+        self.cycles = torch.zeros(1, dtype=torch.long, device=dev)
+        self.max_cycles = max_cycles or n * (capacity + 1)
+        self.num_out_at = torch.zeros(self.max_cycles, dtype=torch.long, device=dev)
+        self.accepted_at = torch.zeros(self.max_cycles, dtype=torch.long, device=dev)
+        # The draft's results, in buffers of their own: the draft may run on a side stream.
+        self.draft_token = torch.zeros(1, dtype=torch.long, device=dev)
+        self.draft_probs = torch.zeros(K, dtype=torch.float32, device=dev)
+        # Sampling: uniforms for the draft (K), the acceptance test (1) and the residual draw (V), one refill
+        # per cycle.
+        self.noise = None if params.greedy else Noise(params, dev, K + 1 + cfg.vocab_size)
+        self.generator = self.noise.generator if self.noise else None
         # Static tables: aggregation type per depth, and which anchors each stage produces.
         self.depth_types = torch.tensor(pdm.depth_types, dtype=torch.long, device=dev)
         self.deepest_type = len(pdm.config.anchors) - 1
         self.row_offsets = torch.arange(self.slots, device=dev)
         self.stage_anchors = stage_anchor_layers(pdm.config.anchors, self.stage_bounds)
-
-    def new_target_cache(self, capacity: int):
-        """The KV cache of the target layers this state runs itself: all of them in a single process."""
-        return self.target.new_cache(capacity)
+        self.stages: list[StageExecutor] = stages if stages is not None else [
+            LocalStage(target, s, bounds, self.stage_anchors[s], self.cache)
+            for s, bounds in enumerate(self.stage_bounds)]
+        self.lanes = lanes or Lanes()
 
     # ------------------------------------------------------------------ prefill and start
     def prefill(self, prompt_ids: list[int]) -> torch.Tensor:
@@ -72,7 +91,7 @@ class SPDState:
         prompt rows at the deepest aggregation type. Returns the last position's target logits (1, V)."""
         target, pdm = self.target, self.pdm
         P = len(prompt_ids)
-        self.cache.check_room(P + 1)
+        self.pdm_cache.check_room(P + 1)  # the PDM's cache has the pipeline's capacity
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=target.device)
         anchors = torch.zeros(P, *self.anchors.shape[1:], dtype=target.dtype, device=target.device)
         embedded = target.embed(ids)
@@ -84,12 +103,13 @@ class SPDState:
         return target.logits(last_hidden)
 
     def prefill_layers(self, embedded: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-        """Every target layer on the embedded prompt (1, P, H), filling ``anchors`` (P, m, H) at the anchor
-        layers. Returns the last position's final hidden state (1, H)."""
-        captures = {b: (lambda h, j=j: anchors[:, j].copy_(h[0])) for j, b in enumerate(self.pdm.config.anchors)
-                    if b > 0}
-        hidden = self.target.forward_layers(embedded, 0, self.target.config.num_layers, self.cache,
-                                            captures=captures)
+        """Every stage on the embedded prompt (1, P, H), filling ``anchors`` (P, m, H) at the anchor layers.
+        Returns the last position's final hidden state (1, H)."""
+        hidden = embedded
+        for stage, executor in zip(self.stage_anchors, self.stages):
+            hidden, produced = executor.prefill(hidden)
+            for i, (j, _) in enumerate(stage):
+                anchors[:, j] = produced[:, i]
         return hidden[:, -1]
 
     def start(self, first_token: torch.Tensor, prompt_len: int) -> None:
@@ -109,7 +129,8 @@ class SPDState:
     # ------------------------------------------------------------------ one cycle
     def draft(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """PDM step: aggregate every uncached row (the just-completed token, if any, plus the in-flight ones),
-        run the tower, and propose the token after ``newest``. Returns (draft id (1,), q over draft vocab)."""
+        run the tower, and propose the token after ``newest``. Returns (draft id (1,), q over draft vocab),
+        both in this state's own buffers."""
         pdm, n = self.pdm, self.n
         cached = self.pdm_cache.lengths[0].long()  # (1,) rows already in the PDM's cache
         positions = cached + self.row_offsets  # (n+1,) rows to compute; those past `newest` are padding
@@ -123,22 +144,25 @@ class SPDState:
         newest_row = tower_out[0].index_select(0, self.newest - cached)  # (1, H)
         logits = pdm.draft_logits(newest_row)[0]  # (K,)
         if self.params.greedy:
-            return pdm.draft_vocab[logits.argmax()].view(1), None
-        q = torch.softmax(logits.float() / self.params.temperature, dim=-1)
-        return pdm.draft_vocab[torch.multinomial(q, 1, generator=self.generator)], q
+            # index_select, not draft_vocab[argmax]: indexing with a 0-d tensor reads it on the host.
+            self.draft_token.copy_(pdm.draft_vocab.index_select(0, logits.argmax().view(1)))
+            return self.draft_token, None
+        self.draft_probs.copy_(torch.softmax(logits.float() / self.params.temperature, dim=-1))
+        choice = draw(self.draft_probs, self.noise.take(0, self.draft_probs.shape[0]))
+        self.draft_token.copy_(pdm.draft_vocab.index_select(0, choice.view(1)))
+        return self.draft_token, self.draft_probs
 
     def store_anchor(self, stage: int, anchor: int, hidden: torch.Tensor) -> None:
         """Anchor ``anchor`` of the token that 0-based ``stage`` ran this cycle (depth ``stage``), into its slot."""
         slot = (self.newest - stage) % self.slots
         self.anchors[:, anchor].index_copy_(0, slot, hidden.reshape(1, -1))
 
-    def run_stages(self) -> None:
-        """Stage s runs its layers on the token at depth s-1; an idle stage computes but does not advance."""
-        for s, (a, b) in enumerate(self.stage_bounds):
-            active = (self.fill > s).to(torch.int32)
-            captures = {layers: (lambda h, s=s, j=j: self.store_anchor(s, j, h)) for j, layers in self.stage_anchors[s]}
-            self.stage_out[s].copy_(self.target.forward_layers(self.stage_in[s], a, b, self.cache,
-                                                               captures=captures, advance=active))
+    def collect(self, results) -> None:
+        """The stages' outputs and anchors (in their executors' buffers) into the cycle state."""
+        for s, (out, anchors) in enumerate(results):
+            self.stage_out[s].copy_(out)
+            for i, (j, _) in enumerate(self.stage_anchors[s]):
+                self.store_anchor(s, j, anchors[:, i])
 
     def verify(self, draft: torch.Tensor, q: torch.Tensor | None):
         """The token leaving stage n gives the target's distribution for the position after it, held by the
@@ -153,21 +177,38 @@ class SPDState:
             target_token = logits.argmax(-1)
             return verifying, candidate == target_token, target_token, candidate
         p = target_probs(logits, self.params)[0]  # (V,)
-        q_draft = q if n == 1 else self.draft_q[candidate_pos % self.slots][0]
+        q_draft = q if n == 1 else self.draft_q.index_select(0, candidate_pos % self.slots)[0]
         q_full = torch.zeros_like(p).index_copy_(0, self.pdm.draft_vocab, q_draft)
         p_c, q_c = p.index_select(0, candidate), q_full.index_select(0, candidate)
-        u = torch.rand(1, device=p.device, generator=self.generator)
+        K = q_draft.shape[0]
+        u = self.noise.take(K, 1)
         accept = u * q_c < p_c  # accept with probability min(1, p/q)
         residual = (p - q_full).clamp_min(0)
         residual = torch.where(residual.sum() > 0, residual, p)  # p == q: any draw from p is exact
-        target_token = torch.multinomial(residual / residual.sum(), 1, generator=self.generator)
+        target_token = draw(residual, self.noise.take(K + 1, p.shape[0])).view(1)
         return verifying, accept, target_token, candidate
 
-    def cycle(self) -> None:
-        """One pipeline step: draft, all stages, verify, then commit / enter / flush by predicated updates."""
-        draft, q = self.draft()
-        self.run_stages()
+    def step(self) -> None:
+        """One pipeline step, free of random-number generators and host syncs (what a graph replays): every
+        stage and the draft on their lanes, then verify, then commit / enter / flush by predicated updates.
+
+        Stages are launched last first: their results land in their executors' own buffers and reach the
+        ring only in ``collect``, after the draft has read it, so the order changes nothing here, while a
+        pipeline whose stages run on other ranks gets them all going before rank 0 computes its own."""
+        lanes = self.lanes
+        lanes.fork()
+        results = {s: lanes.run(s + 1, self.stages[s].step, self.stage_in[s], self.fill, self.cut)
+                   for s in reversed(range(self.n))}
+        draft, q = lanes.run(0, self.draft)
+        lanes.join()
+        self.collect([results[s] for s in range(self.n)])
         self.resolve(draft, q, *self.verify(draft, q))
+
+    def cycle(self) -> None:
+        """One cycle: this cycle's uniforms (sampling only), then :meth:`step`."""
+        if self.noise is not None:
+            self.noise.refill()
+        self.step()
 
     def resolve(self, draft, q, verifying, accept, target_token, candidate) -> None:
         """Commit the verified token (or the target's own in its place), then either let the draft enter or
@@ -182,6 +223,10 @@ class SPDState:
         self.num_out += verifying
         self.accepted += do_accept
         self.rejected += do_reject
+        cycle = self.cycles.clamp(max=self.max_cycles - 1)
+        self.num_out_at.index_copy_(0, cycle, self.num_out)
+        self.accepted_at.index_copy_(0, cycle, self.accepted)
+        self.cycles += 1
         # Flush on reject: every layer and the PDM cut back to the committed length (O(1), lengths only).
         cut = torch.where(do_reject, candidate_pos, self.capacity).to(torch.int32)
         self.rollback(cut)
@@ -194,29 +239,39 @@ class SPDState:
         self._enter(torch.where(do_reject, target_token, draft))
 
     def rollback(self, cut: torch.Tensor) -> None:
-        """Cut every target layer and the PDM back to ``cut`` entries (capacity: no cut)."""
-        self.cache.rollback(cut)
+        """Cut the PDM and this state's own target cache back to ``cut`` entries now (capacity: no cut); a
+        stage whose cache lives elsewhere applies ``self.cut`` at its next step."""
         self.pdm_cache.rollback(cut)
+        if self.cache is not None:
+            self.cache.rollback(cut)
+        self.cut.copy_(cut)
 
 
 def generate_spd(target: Model, pdm: PDM, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
-                 eos_ids, on_tokens: TokenCallback | None = None) -> GenerationResult:
-    """Eager SPD in one process: every stage runs here, one after another."""
+                 eos_ids, on_tokens: TokenCallback | None = None, graph: str = "off") -> GenerationResult:
+    """SPD in one process: every stage runs here, eagerly one after another or (``graph``) as one CUDA graph
+    per cycle with a stream per stage (see :mod:`spd_engine.runtime.graph`)."""
+    from .runtime.graph import READBACK_EVERY, graphed_cycle, use_graphs
+
     n = len(pdm.config.stage_bounds)
-    state = SPDState(target, pdm, cache_capacity(len(prompt_ids), max_new_tokens, extra=n + 2), params)
-    return run_spd(state, prompt_ids, max_new_tokens, eos_ids, on_tokens)
+    graphed = use_graphs(graph, target.device)
+    readback = READBACK_EVERY if graphed else 1
+    # Cycles run in batches of `readback`: room for the ones that run past the last token.
+    state = SPDState(target, pdm, cache_capacity(len(prompt_ids), max_new_tokens, extra=n + 2 + readback), params)
+    runner = (lambda: graphed_cycle(state)) if graphed else None
+    return run_spd(state, prompt_ids, max_new_tokens, eos_ids, on_tokens, runner=runner, readback_every=readback)
 
 
 def run_spd(state: SPDState, prompt_ids: list[int], max_new_tokens: int, eos_ids,
-            on_tokens: TokenCallback | None = None) -> GenerationResult:
-    """Eager SPD driver over any SPDState (single-process or distributed): prefill, then cycles until EOS or
-    the token limit. Reads results back every cycle."""
+            on_tokens: TokenCallback | None = None, runner=None, readback_every: int = 1) -> GenerationResult:
+    """SPD driver over any SPDState (single-process or distributed): prefill, then cycles until EOS or the
+    token limit. ``runner()`` (called once, after the pipeline starts) returns the function that runs one
+    cycle, ``state.cycle`` by default. The host reads results back every ``readback_every`` cycles; the
+    per-cycle history on the device gives the exact cycle count and trace of the tokens kept."""
     eos_ids = set(eos_ids)
     pdm, params, n = state.pdm, state.params, state.n
     start = time.perf_counter()
     tokens: list[int] = []
-    trace: list[bool] = []  # one entry per verification: accepted?
-    cycles = 0
     with torch.inference_mode():
         logits = state.prefill(prompt_ids)
         first = next_token(logits, params, state.generator)
@@ -224,24 +279,34 @@ def run_spd(state: SPDState, prompt_ids: list[int], max_new_tokens: int, eos_ids
         if on_tokens:
             on_tokens(tokens[-1:])
         state.start(first, len(prompt_ids))
-        accepted_before = 0
+        prefill_seconds = time.perf_counter() - start
+        cycle = runner() if runner is not None else state.cycle
+        warmup_cycles = int(state.cycles)  # a graph's warm-up cycles are real, but timed as capture
+        capture_seconds = time.perf_counter() - start - prefill_seconds  # graph warm-up + capture, if any
         while not stop_reached(tokens, eos_ids, max_new_tokens):
-            state.cycle()
-            cycles += 1
-            produced = int(state.num_out)
-            if produced > len(tokens) - 1:
-                new = state.out_tokens[len(tokens) - 1: produced].tolist()
-                accepted_now = int(state.accepted)
-                trace.append(accepted_now > accepted_before)
-                accepted_before = accepted_now
-                for token in new:
-                    tokens.append(token)
-                    if on_tokens:
-                        on_tokens([token])
-                    if stop_reached(tokens, eos_ids, max_new_tokens):
-                        break
-    seconds = time.perf_counter() - start
-    accepted, rejected = int(state.accepted), int(state.rejected)
+            for _ in range(readback_every):
+                cycle()
+            produced = int(state.num_out)  # the one host sync per batch of cycles
+            for token in state.out_tokens[len(tokens) - 1: produced].tolist():
+                tokens.append(token)
+                if on_tokens:
+                    on_tokens([token])
+                if stop_reached(tokens, eos_ids, max_new_tokens):
+                    break
+        seconds = time.perf_counter() - start
+        cycles_run = int(state.cycles)
+        num_out_at = state.num_out_at[:min(cycles_run, state.max_cycles)].tolist()
+        accepted_at = state.accepted_at[:min(cycles_run, state.max_cycles)].tolist()
+    # Keep the history up to the cycle that committed the last kept token (tokens[0] came from prefill).
+    kept = len(tokens) - 1
+    cycles = next((c + 1 for c, count in enumerate(num_out_at) if count >= kept), 0) if kept else 0
+    trace, verified_before, accepted_before = [], 0, 0
+    for count, accepted_count in zip(num_out_at[:cycles], accepted_at[:cycles]):
+        if count > verified_before:
+            trace.append(accepted_count > accepted_before)
+        verified_before, accepted_before = count, accepted_count
+    accepted = sum(trace)
+    rejected = len(trace) - accepted
     verified = accepted + rejected
     stats = {
         "mode": "spd",
@@ -259,6 +324,13 @@ def run_spd(state: SPDState, prompt_ids: list[int], max_new_tokens: int, eos_ids
         "acceptance_rate": accepted / verified if verified else 0.0,
         "tokens_per_cycle": len(tokens) / cycles if cycles else 0.0,
         "equivalent_accept_length": n * len(tokens) / cycles if cycles else 0.0,
+        "readback_every": readback_every,
+        "prefill_seconds": prefill_seconds,
+        "capture_seconds": capture_seconds,
+        # Every cycle executed, including those a batch ran past the last token: the divisor of cycle time.
+        "cycles_run": cycles_run,
+        "cycle_seconds": ((seconds - prefill_seconds - capture_seconds) / (cycles_run - warmup_cycles)
+                          if cycles_run > warmup_cycles else 0.0),
     }
     stats["theoretical_speedup"] = stats["equivalent_accept_length"]
     return GenerationResult(prompt_ids, tokens, stats, trace)

@@ -29,6 +29,17 @@ def partition_layers(num_layers: int, stages: int | None = None,
     return bounds
 
 
+def stage_layers_arg(text: str) -> list[int]:
+    """The argparse type of ``--stage-layers``: '8,8,7,7' -> [8, 8, 7, 7]. Their sum is checked against the
+    model later, by :func:`partition_layers`."""
+    import argparse
+
+    try:
+        return parse_stage_layers(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def parse_stage_layers(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",")]

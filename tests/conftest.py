@@ -3,11 +3,14 @@
 - Without a CUDA device, Triton kernels run on the CPU interpreter. TRITON_INTERPRET must be set before
   anything imports triton, which is why it lives here (conftest is imported before any test module). The
   interpreter's bf16 handling is then patched to GPU numerics (see _give_interpreter_gpu_bf16_numerics).
+  With a CUDA device the interpreter stays off, so every test that runs a Triton kernel puts its tensors on
+  ``DEVICE`` (the GPU there): a Triton kernel on CPU tensors runs only under the interpreter.
 - ``requires_cuda`` skips GPU-only tests cleanly; combine it with the ``gpu`` marker (pyproject.toml).
-- ``backend_params`` parametrizes a test over the op backends with the right marks.
+- ``backend_params`` parametrizes a test over the op backends with the right marks: on a GPU box the triton
+  parameter runs on the GPU too, so it carries the ``gpu`` marker there (``pytest -m gpu`` selects it).
 - ``nan_poisoned_allocations`` makes every torch.empty inside the op NaN-filled, so an output element the
   kernel forgets to write can never look correct.
-- ``assert_matches_reference`` is the kernel-test tolerance rule (DESIGN.md §3).
+- ``assert_matches_reference`` is the kernel-test tolerance rule (docs/ARCHITECTURE.md, "Kernel tests").
 """
 from __future__ import annotations
 
@@ -70,13 +73,16 @@ NAIVE_ERROR_FACTOR = 3.0
 
 
 def backend_params(*backends: str):
-    """pytest params for the given backends: 'cuda' carries the gpu marker and skips without a GPU; a backend
-    that is not installed (no Triton, extension not built) skips instead of failing."""
+    """pytest params for the given backends: 'cuda' carries the gpu marker and skips without a GPU, 'triton'
+    carries it where a GPU runs it; a backend that is not installed (no Triton, extension not built) skips
+    instead of failing."""
     from spd_engine import ops
 
     params = []
     for backend in backends:
         marks = [pytest.mark.gpu, requires_cuda] if backend == "cuda" else []
+        if backend == "triton" and HAS_CUDA:
+            marks.append(pytest.mark.gpu)
         marks.append(pytest.mark.skipif(not ops.available(backend), reason=f"backend '{backend}' is not installed"))
         params.append(pytest.param(backend, marks=marks, id=backend))
     return params

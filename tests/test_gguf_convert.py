@@ -9,11 +9,12 @@ import json
 import math
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as Q
+
+gguf = pytest.importorskip("gguf")  # an optional dependency: the rest of the suite runs without it
+Q = gguf.GGMLQuantizationType
 from tokenizers import Tokenizer
 from tokenizers.pre_tokenizers import ByteLevel
 

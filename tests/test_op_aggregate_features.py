@@ -1,4 +1,4 @@
-"""aggregate_features on every backend against the float64 reference (DESIGN.md §3)."""
+"""aggregate_features on every backend against the float64 reference (docs/ARCHITECTURE.md, "Kernel tests")."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
-"""attention_with_kvcache on every backend against the float64 reference (DESIGN.md §3).
+"""attention_with_kvcache on every backend against the float64 reference (docs/ARCHITECTURE.md,
+"Kernel tests").
 
 Stale cache rows (at and past each sequence's live length) are NaN before every call: a kernel that reads
 them, or forgets to overwrite a new row, fails. Outputs allocated inside the op are NaN-poisoned too.
@@ -256,3 +257,42 @@ def test_reference_strategies_agree(lengths, tq, causal):
     assert torch.isfinite(out_live).all()
     torch.testing.assert_close(out_live, out_masked, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(live.k_cache, masked.k_cache, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_a_plan_is_reused_across_calls_and_lengths(backend):
+    """plan/run: one plan (made once, from capacity) serves calls at several live lengths, like the layers of
+    a stage across cycles; each run writes into the plan's own output and matches the float64 reference.
+    The plan's buffers start NaN-poisoned, so a run that leaves an element unwritten fails."""
+    heads, head_dim, capacity = (9, 3), 64, 300
+    first = make_case([0], 1, heads, head_dim, torch.float32, s_max=capacity)
+    plan = ops.plan_attention(tuple(first.q.shape), first.k_cache, first.v_cache, backend=backend)
+    assert plan is not None
+    for length in (0, 7, 63, 257):
+        case = make_case([length], 1, heads, head_dim, torch.float32, s_max=capacity)
+        expected = case.converted(torch.float64)
+        expected_out = run(expected, "torch")
+        actual = case.converted(torch.float32)
+        out = ops.attention_with_kvcache(actual.q, actual.k_cache, actual.v_cache, actual.k, actual.v,
+                                         actual.cache_seqlens, actual.rotary_cos, actual.rotary_sin,
+                                         backend=backend, plan=plan)
+        assert out.data_ptr() == plan.out.data_ptr()
+        assert_matches_reference(out, expected_out)
+        check_cache_update(case, actual, expected)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_a_plan_for_another_shape_is_refused(backend):
+    case = make_case([5], 1, (9, 3), 64, torch.float32, s_max=64)
+    plan = ops.plan_attention((1, 2, 9, 64), case.k_cache, case.v_cache, backend=backend)
+    with pytest.raises(ValueError, match="plan"):
+        ops.attention_with_kvcache(case.q, case.k_cache, case.v_cache, case.k, case.v, case.cache_seqlens,
+                                   case.rotary_cos, case.rotary_sin, backend=backend, plan=plan)
+
+
+def test_no_plan_where_the_reference_runs():
+    case = make_case([5], 1, (9, 3), 64, torch.float32, s_max=64)
+    assert ops.plan_attention(tuple(case.q.shape), case.k_cache, case.v_cache, backend="torch") is None
+    odd = make_case([5], 1, (4, 2), 24, torch.float32, s_max=64)  # a head dim no kernel covers
+    if ops.available("triton"):
+        assert ops.plan_attention(tuple(odd.q.shape), odd.k_cache, odd.v_cache, backend="triton") is None

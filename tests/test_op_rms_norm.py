@@ -1,4 +1,5 @@
-"""rms_norm (fused residual add) on every backend against the float64 reference (DESIGN.md §3)."""
+"""rms_norm (fused residual add) on every backend against the float64 reference (docs/ARCHITECTURE.md,
+"Kernel tests")."""
 from __future__ import annotations
 
 import pytest

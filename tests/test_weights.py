@@ -1,5 +1,6 @@
 """Checkpoint loading: sharded directories, and every bad input as a clear UserError."""
 import json
+import sys
 
 import pytest
 import torch
@@ -66,3 +67,18 @@ def test_non_gguf_file_is_refused(tmp_path):
     path.write_bytes(b"x")
     with pytest.raises(UserError, match="not a .gguf file"):
         resolve_model_path(str(path))
+
+
+def test_a_hf_directory_loads_without_the_gguf_package(tmp_path, monkeypatch):
+    """gguf is optional: Engine.load of a HF directory never imports it, and a .gguf file without it is one
+    clear error that says what to install."""
+    from spd_engine import Engine
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # any `import gguf` now raises ImportError
+    engine = Engine.load(str(make_tiny_model(tmp_path / "m", "llama")), device="cpu")
+    assert engine.generate(prompt_ids=[5, 6, 7], max_new_tokens=2).token_ids
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF")
+    monkeypatch.setenv("SPD_ENGINE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(UserError, match=r"needs the 'gguf' package; fix: pip install 'spd-engine\[gguf\]'"):
+        resolve_model_path(str(fake))

@@ -72,10 +72,20 @@ def _impl(name: str, backend: str, device: torch.device):
     return getattr(_load(resolve(backend, device)), name)
 
 
+def plan_attention(q_shape, k_cache, v_cache, backend="auto"):
+    """Plan (host side, once) for attention calls with queries of ``q_shape`` over these caches: the backend's
+    split-KV grid from the cache capacity, and output and workspace buffers it allocates now so that a call
+    with ``plan=`` only launches (FlashInfer's plan/run). None where the backend needs no plan (torch)."""
+    planner = getattr(_load(resolve(backend, k_cache.device)), "plan_attention", None)
+    return planner(tuple(q_shape), k_cache, v_cache) if planner else None
+
+
 def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=None, rotary_sin=None,
-                           softmax_scale=None, causal=True, backend="auto"):
-    return _impl("attention_with_kvcache", backend, q.device)(
-        q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, softmax_scale, causal)
+                           softmax_scale=None, causal=True, backend="auto", plan=None):
+    impl = _impl("attention_with_kvcache", backend, q.device)
+    if plan is None:
+        return impl(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, softmax_scale, causal)
+    return impl(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, softmax_scale, causal, plan=plan)
 
 
 def rms_norm(x, weight, eps, residual=None, backend="auto"):

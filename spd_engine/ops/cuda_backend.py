@@ -5,15 +5,17 @@ the torch build; this module turns tensors into those arguments. Each op is regi
 ``torch.library.custom_op`` plus a fake (meta) implementation, so CUDA graphs and ``torch.compile`` treat it as
 one opaque op, and every launch goes to ``torch.cuda.current_stream()`` so it lands in a graph being captured.
 
-``swiglu_mlp`` has no CUDA-C kernel: it delegates to the Triton kernel (fused gate/up GEMV + SiLU·mul, then
+``swiglu_mlp`` has no CUDA-C kernel: it delegates to the Triton backend (fused gate/up GEMV + SiLU·mul, then
 cuBLAS for the down projection) and to the torch reference where Triton is missing. Inputs outside what
-the CUDA kernels implement (float64, unusual head dims) take the same Triton-then-torch path, so
-``backend="auto"`` never fails on a valid input.
+the CUDA kernels implement (float64, head dims other than 64/128, unaligned caches) take the same
+Triton-backend-then-torch path, which itself hands Triton's own gaps to the reference, so ``backend="cuda"``
+never fails on a valid input.
 
 Importing this module without the built extension raises ImportError, which makes dispatch fall back.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -32,11 +34,11 @@ from kernels.split_kv import cdiv, plan_splits
 from . import reference
 
 try:
-    from kernels.attention import attention_with_kvcache as _attention_fallback
-    from kernels.swiglu import swiglu_mlp as _swiglu_mlp
+    # The Triton backend, not the raw kernels: it sends what Triton cannot compile (float64, head dims outside
+    # its range) on to the torch reference, so every input has a path.
+    from . import triton_backend as _fallback
 except ImportError:  # no Triton: the torch reference is the next best
-    _attention_fallback = reference.attention_with_kvcache
-    _swiglu_mlp = reference.swiglu_mlp
+    _fallback = reference
 
 # Must match spd::DType in csrc/ops.h.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -91,32 +93,54 @@ def _check_kv_shapes(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cac
         raise ValueError("cache_seqlens must be a contiguous int32 tensor of shape (batch,)")
 
 
-@torch.library.custom_op("spd_engine::cuda_attention_with_kvcache", mutates_args=("k_cache", "v_cache"),
-                         device_types="cuda")
+@dataclass(frozen=True)
+class AttentionPlan:
+    """The CUDA kernel's split-KV grid for one q shape at one capacity, and its output and split workspaces,
+    allocated once (host side: FlashInfer's plan); :func:`attention_with_kvcache` with ``plan`` only launches
+    into them (run). One plan serves every layer of a stage, which run one after another on one stream."""
+    q_shape: tuple[int, int, int, int]
+    num_kv_heads: int
+    capacity: int
+    num_splits: int
+    split_len: int
+    out: Tensor
+    partial_out: Optional[Tensor]
+    partial_lse: Optional[Tensor]
+
+
+def _plan(q_shape, num_kv_heads: int, capacity: int, dtype: torch.dtype, device: torch.device) -> AttentionPlan:
+    B, Tq, Hq, D = q_shape
+    row_tiles = cdiv(Tq * (Hq // num_kv_heads), _C.attention_rows_per_cta())
+    num_splits, split_len = plan_splits(B * num_kv_heads * row_tiles, capacity,
+                                        _C.attention_chunk_keys(DTYPE_CODES[dtype]), device)
+    out = torch.empty(q_shape, dtype=dtype, device=device)
+    partial_out = partial_lse = None
+    if num_splits > 1:
+        partial_out = torch.empty((num_splits, B, Tq, Hq, D), dtype=torch.float32, device=device)
+        partial_lse = torch.empty((num_splits, B, Tq, Hq), dtype=torch.float32, device=device)
+    return AttentionPlan(tuple(q_shape), num_kv_heads, capacity, num_splits, split_len, out, partial_out, partial_lse)
+
+
+@torch.library.custom_op("spd_engine::cuda_attention_with_kvcache",
+                         mutates_args=("k_cache", "v_cache", "out", "partial_out", "partial_lse"), device_types="cuda")
 def _attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor,
                   rotary_cos: Optional[Tensor], rotary_sin: Optional[Tensor], softmax_scale: float,
-                  causal: bool) -> Tensor:
-    _check_device(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin)
+                  causal: bool, out: Tensor, partial_out: Optional[Tensor], partial_lse: Optional[Tensor],
+                  num_splits: int, split_len: int) -> None:
+    _check_device(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, out)
     _check_kv_shapes(k_cache, v_cache, k, v, cache_seqlens)
     B, Tq, Hq, D = q.shape
     S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
     if k.shape[1] != Tq or q.dtype != k.dtype or Hq % Hkv != 0:
         raise ValueError(f"q {tuple(q.shape)} {q.dtype} does not match k {tuple(k.shape)} {k.dtype}")
+    if out.shape != q.shape or out.dtype != q.dtype or (num_splits > 1 and partial_out is None):
+        raise ValueError("the attention plan does not match this call")
     # The kernel streams cache rows with 16-byte cp.async copies.
     vector = 16 // q.element_size()
     for cache in (k_cache, v_cache):
         if cache.data_ptr() % 16 or any(s % vector for s in _strides3(cache)):
             raise ValueError("the cuda backend needs 16-byte aligned KV-cache rows")
-    dtype = _dtype_code(q)
-    row_tiles = cdiv(Tq * (Hq // Hkv), _C.attention_rows_per_cta())
-    num_splits, split_len = plan_splits(B * Hkv * row_tiles, S_max, _C.attention_chunk_keys(dtype), q.device)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if num_splits > 1:
-        partial_out = torch.empty((num_splits, B, Tq, Hq, D), dtype=torch.float32, device=q.device)
-        partial_lse = torch.empty((num_splits, B, Tq, Hq), dtype=torch.float32, device=q.device)
-        partial_ptrs = partial_out.data_ptr(), partial_lse.data_ptr()
-    else:
-        partial_ptrs = 0, 0
+    partial_ptrs = (partial_out.data_ptr(), partial_lse.data_ptr()) if num_splits > 1 else (0, 0)
     _C.attention_with_kvcache(
         q=q.data_ptr(), k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
         cache_seqlens=cache_seqlens.data_ptr(), out=out.data_ptr(), partial_out=partial_ptrs[0],
@@ -124,14 +148,15 @@ def _attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Ten
         v_cache_stride=_strides3(v_cache), k_stride=_strides3(k), v_stride=_strides3(v), out_stride=_strides3(out),
         **_rotary_args(rotary_cos, rotary_sin, D),
         batch=B, tq=Tq, hq=Hq, hkv=Hkv, head_dim=D, s_max=S_max, softmax_scale=softmax_scale, causal=causal,
-        num_splits=num_splits, split_len=split_len, dtype=dtype, device=q.device.index, stream=_stream(q.device),
+        num_splits=num_splits, split_len=split_len, dtype=_dtype_code(q), device=q.device.index,
+        stream=_stream(q.device),
     )
-    return out
 
 
 @_attention_op.register_fake
-def _(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, softmax_scale, causal):
-    return q.new_empty(q.shape)
+def _(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, softmax_scale, causal, out, partial_out,
+      partial_lse, num_splits, split_len):
+    return None
 
 
 @torch.library.custom_op("spd_engine::cuda_append_kv_cache", mutates_args=("k_cache", "v_cache"),
@@ -231,19 +256,43 @@ def _kernel_dtypes(*tensors) -> bool:
     return all(t is None or t.dtype in DTYPE_CODES for t in tensors)
 
 
+def _kernel_covers(q_dtype: torch.dtype, head_dim: int, caches) -> bool:
+    """float32/16/bf16, head_dim 64 or 128, cache rows 16-byte aligned: what the CUDA kernel implements."""
+    if q_dtype not in DTYPE_CODES or head_dim not in (64, 128):
+        return False
+    vector = 16 // caches[0].element_size()
+    return all(c.data_ptr() % 16 == 0 and all(s % vector == 0 for s in _strides3(c)) for c in caches)
+
+
+def plan_attention(q_shape, k_cache, v_cache):
+    """The plan for attention calls of this q shape over these caches (see :class:`AttentionPlan`); inputs the
+    kernel does not cover get the fallback backend's plan, or None."""
+    if not _kernel_covers(k_cache.dtype, q_shape[-1], (k_cache, v_cache)):
+        planner = getattr(_fallback, "plan_attention", None)
+        return planner(q_shape, k_cache, v_cache) if planner else None
+    return _plan(tuple(q_shape), k_cache.shape[2], k_cache.shape[1], k_cache.dtype, k_cache.device)
+
+
 def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=None, rotary_sin=None,
-                           softmax_scale=None, causal=True):
+                           softmax_scale=None, causal=True, plan=None):
     """Inputs the CUDA kernel does not cover (float64, head_dim other than 64/128, caches whose rows are not
-    16-byte aligned) go to the Triton kernel, or the torch reference without Triton."""
+    16-byte aligned) go to the Triton backend, which hands its own gaps to the torch reference. ``plan`` (from
+    :func:`plan_attention`) supplies the output and workspaces; without one they are planned for this call."""
     head_dim = q.shape[-1]
-    vector = 16 // q.element_size()
-    aligned = all(c.data_ptr() % 16 == 0 and all(s % vector == 0 for s in _strides3(c)) for c in (k_cache, v_cache))
-    if not (_kernel_dtypes(q, rotary_cos) and head_dim in (64, 128) and aligned):
-        return _attention_fallback(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, softmax_scale,
-                                   causal)
+    if not (_kernel_covers(q.dtype, head_dim, (k_cache, v_cache)) and
+            (rotary_cos is None or rotary_cos.dtype in DTYPE_CODES)):
+        extra = {} if plan is None else {"plan": plan}
+        return _fallback.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin,
+                                                softmax_scale, causal, **extra)
+    if plan is None:
+        plan = _plan(tuple(q.shape), k_cache.shape[2], k_cache.shape[1], q.dtype, q.device)
+    elif plan.q_shape != tuple(q.shape) or plan.capacity != k_cache.shape[1] or plan.num_kv_heads != k_cache.shape[2]:
+        raise ValueError(f"this attention plan is for q {plan.q_shape}, capacity {plan.capacity}; got q "
+                         f"{tuple(q.shape)}, capacity {k_cache.shape[1]}")
     scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
-    return _attention_op(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, float(scale),
-                         bool(causal))
+    _attention_op(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, float(scale), bool(causal),
+                  plan.out, plan.partial_out, plan.partial_lse, plan.num_splits, plan.split_len)
+    return plan.out
 
 
 def append_kv_cache(k_cache, v_cache, k, v, cache_seqlens, rotary_cos=None, rotary_sin=None):
@@ -260,7 +309,7 @@ def rms_norm(x, weight, eps, residual=None):
 
 
 def swiglu_mlp(x, gate_up_weight, down_weight):
-    return _swiglu_mlp(x, gate_up_weight, down_weight)
+    return _fallback.swiglu_mlp(x, gate_up_weight, down_weight)
 
 
 def aggregate_features(anchors, weight_cat, row_slots, row_types):

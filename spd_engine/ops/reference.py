@@ -110,7 +110,7 @@ def swiglu_mlp(x, gate_up_weight, down_weight):
 
 
 def aggregate_features(anchors, weight_cat, row_slots, row_types):
-    """Multi-depth feature aggregation of the draft module (DESIGN.md §1).
+    """Multi-depth feature aggregation of the draft module (docs/ARCHITECTURE.md, "The draft module").
 
     anchors    (S, m, H): anchor hidden-state snapshots per token slot, anchors[s, j] = h_{b_j} of slot s.
     weight_cat (H, H*m*(m+1)/2): W_0 | W_1 | ... | W_{m-1} side by side; W_i is (H, (i+1)H) and starts at

@@ -18,12 +18,28 @@ from . import reference
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _attention_kernel_covers(dtype: torch.dtype, head_dim: int) -> bool:
+    return dtype in KERNEL_DTYPES and 32 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+
+
+def plan_attention(q_shape, k_cache, v_cache):
+    """The kernel's split-KV plan and workspaces for this q shape over these caches (None where the torch
+    reference runs instead: it needs none)."""
+    if not _attention_kernel_covers(k_cache.dtype, q_shape[-1]):
+        return None
+    return _attention.plan(tuple(q_shape), k_cache.shape[2], k_cache.shape[1], k_cache.dtype, k_cache.device)
+
+
 def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=None, rotary_sin=None,
-                           softmax_scale=None, causal=True):
-    head_dim = q.shape[-1]
-    kernel = q.dtype in KERNEL_DTYPES and 32 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
-    impl = _attention.attention_with_kvcache if kernel else reference.attention_with_kvcache
-    return impl(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, softmax_scale, causal)
+                           softmax_scale=None, causal=True, plan=None):
+    if not _attention_kernel_covers(q.dtype, q.shape[-1]):
+        return reference.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin,
+                                                softmax_scale, causal)
+    if plan is None:
+        return _attention.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin,
+                                                 softmax_scale, causal)
+    return _attention.run(plan, q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, softmax_scale,
+                          causal)
 
 
 def rms_norm(x, weight, eps, residual=None):

@@ -8,17 +8,20 @@ The layout follows from the world size W for n stages:
   accept/flush decision); rank s runs stage s.
 * W = n, hosted: rank 0 also runs stage 1; rank s runs stage s + 1.
 
-Rank 0 drives an ordinary :class:`~spd_engine.spd.SPDState` whose target layers live on other ranks, so
-draft, verify and resolve (positions, predicated accept/flush, sampling) are the single-process code; only
-where the stages run differs. Every rank holds only its own weights and KV cache. One cycle:
+Rank 0 drives an ordinary :class:`~spd_engine.spd.SPDState` with other stage executors
+(:mod:`spd_engine.runtime.executor`): a :class:`RemoteStage` for each stage on another rank (and a
+``LocalStage`` for a hosted stage 1), and :class:`DistributedLanes`. Draft, verify and resolve (positions,
+predicated accept/flush, sampling) are the single-process code; only where the stages run differs. Every
+rank holds only its own weights and KV cache, and runs its stage with a ``LocalStage``. One cycle:
 
 1. rank 0 broadcasts the control message [CYCLE, cut, fill], the previous resolve's outcome. Each stage rank
    rolls its own cache back to ``cut`` (O(1); ``cut`` = capacity means no flush) and is active when
    ``fill`` exceeds its depth, exactly like the stages of a single-process cycle.
 2. stage 1 receives the newest token's embedding; every later stage receives the previous cycle's output of
    the stage before it (that token is now one stage deeper).
-3. the PDM drafts on rank 0 while the stages run.
-4. each stage sends its anchor snapshots to rank 0, and stage n its output; rank 0 verifies and resolves.
+3. the PDM drafts on rank 0 while the stages run (rank 0 has only posted its receives).
+4. each stage sends its anchor snapshots to rank 0, and stage n its output; rank 0 joins those receives,
+   then verifies and resolves.
 
 Prefill is pipelined the same way ([PREFILL, prompt length, capacity]: the prompt's hidden states go rank to
 rank, anchors to rank 0), and [STOP] ends the stage ranks' loop.
@@ -48,12 +51,12 @@ from ..config import ModelConfig
 from ..decode import cache_capacity
 from ..engine import Engine, pick_device, pick_dtype
 from ..errors import UserError
-from ..kv_cache import KVCache
 from ..model import Model
 from ..pdm import PDM, target_identity
 from ..sampling import SamplingParams
 from ..spd import SPDState, resolve_pdm, run_spd, stage_anchor_layers
-from ..stages import parse_stage_layers, partition_layers
+from .executor import Lanes, LocalStage, StageExecutor
+from ..stages import partition_layers
 from ..tokenizer import StreamDecoder, Tokenizer
 from ..weights import resolve_model_path
 
@@ -160,6 +163,7 @@ class Links:
         self.watchdog = Watchdog(rank, timeout_s)
         self.control = torch.zeros(3, dtype=torch.long, device=device)
         self._sends: list = []  # (work, tensor): the tensor must stay alive until the send completes
+        self._receives: list = []  # (work, what): posted receives, completed by finish_receives
 
     @contextmanager
     def waiting(self, what: str):
@@ -178,6 +182,18 @@ class Links:
         with self.waiting(what):
             dist.recv(tensor, src, tag=tag)
         return tensor
+
+    def post_recv(self, tensor: torch.Tensor, src: int, tag: int, what: str) -> torch.Tensor:
+        """Start receiving into ``tensor``; it holds the data once :meth:`finish_receives` returns."""
+        with self.waiting(what):
+            self._receives.append((dist.irecv(tensor, src, tag=tag), what))
+        return tensor
+
+    def finish_receives(self) -> None:
+        for work, what in self._receives:
+            with self.waiting(what):
+                work.wait()
+        self._receives.clear()
 
     def settle(self) -> None:
         """Wait for this rank's earlier sends; by the next command their receivers have taken them."""
@@ -201,114 +217,59 @@ class Links:
         return command, self.control[1:2], self.control[2:3]
 
 
-class StageRunner:
-    """One stage's layers with a KV cache that holds only them: what one rank owns."""
+class RemoteStage(StageExecutor):
+    """Rank 0's executor for a stage that runs on another rank.
 
-    def __init__(self, target: Model, stage: int, bounds: tuple[int, int], anchor_layers, capacity: int):
-        self.target, self.stage = target, stage
-        self.start, self.end = bounds
-        self.anchor_layers = anchor_layers  # [(anchor index j, layers done b_j)] this stage produces
-        self.cache = target.new_cache(capacity, num_layers=self.end - self.start)
+    Hidden states travel rank to rank down the pipeline, so rank 0 sends only the first remote stage's input
+    (and, with it, the control message that starts every stage rank), and receives each remote stage's
+    anchors and the last stage's output. ``step`` only posts those receives; :class:`DistributedLanes` joins
+    them. The output of a stage before the last stays on the ranks: ``out`` is then a placeholder.
+    """
 
-    def forward(self, hidden: torch.Tensor, advance=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stage's layers on ``hidden`` (1, T, H). Returns (output, anchors (T, k, H) in anchor order)."""
-        anchors = torch.empty(hidden.shape[1], len(self.anchor_layers), hidden.shape[-1], dtype=hidden.dtype,
-                              device=hidden.device)
-        captures = {layers: (lambda h, i=i: anchors[:, i].copy_(h[0]))
-                    for i, (_, layers) in enumerate(self.anchor_layers)}
-        out = self.target.forward_layers(hidden, self.start, self.end, self.cache, captures=captures,
-                                         cache_offset=self.start, advance=advance)
-        return out, anchors
+    def __init__(self, target: Model, stage: int, layout: Layout, links: Links, anchor_count: int, capacity: int):
+        self.stage, self.layout, self.links, self.capacity = stage, layout, links, capacity
+        self.first = stage == layout.first_remote
+        self.last = stage == layout.stages - 1
+        self.rank = layout.rank_of(stage)
+        self.name = f"stage {stage + 1} (rank {self.rank})"
+        hidden_size = target.config.hidden_size
+        self.out = torch.zeros(1, 1, hidden_size, dtype=target.dtype, device=target.device)
+        self.anchors = torch.zeros(1, anchor_count, hidden_size, dtype=target.dtype, device=target.device)
 
-    def step(self, hidden: torch.Tensor, cut: torch.Tensor, fill: torch.Tensor):
-        """One cycle, as in SPDState: apply the last resolve's flush, then run the token at depth ``stage``; an
-        idle stage (fill <= stage) computes but does not advance, so its writes are never read."""
-        self.cache.rollback(cut)
-        return self.forward(hidden, advance=(fill > self.stage).to(torch.int32))
+    def _receive(self, anchors: torch.Tensor, wait: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        receive = self.links.recv if wait else self.links.post_recv
+        if anchors.shape[1]:
+            receive(anchors, self.rank, TAG_ANCHORS, f"receiving anchors from {self.name}")
+        if self.last:
+            receive(self.out, self.rank, TAG_OUTPUT, f"receiving the output of {self.name}")
+        return self.out, anchors
 
+    def prefill(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.first:
+            self.links.broadcast_control(PREFILL, hidden.shape[1], self.capacity)
+            self.links.send(hidden, self.rank, TAG_HIDDEN, "sending the prompt down the pipeline")
+        anchors = torch.zeros(hidden.shape[1], *self.anchors.shape[1:], dtype=hidden.dtype, device=hidden.device)
+        out, anchors = self._receive(anchors, wait=True)
+        return (out if self.last else hidden), anchors
 
-class ControllerState(SPDState):
-    """Rank 0's cycle state: draft, verify and resolve run here unchanged; the stages run on their ranks (and
-    stage 1 here too when hosted). ``stage_in``/``stage_out`` keep their single-process meaning."""
-
-    def __init__(self, target: Model, pdm: PDM, capacity: int, params: SamplingParams, layout: Layout,
-                 links: Links, local_stage: StageRunner | None):
-        self.layout, self.links, self.local_stage = layout, links, local_stage
-        super().__init__(target, pdm, capacity, params)
-        self.cut = torch.full((1,), capacity, dtype=torch.int32, device=target.device)  # no flush pending
-
-    def new_target_cache(self, capacity: int) -> KVCache:
-        """No target layer runs through this state (a hosted stage 1 has its own cache); zero layers keep the
-        capacity check and the flush uniform."""
-        cfg = self.target.config
-        return KVCache(0, capacity, cfg.num_kv_heads, cfg.head_dim, self.target.dtype, self.target.device)
-
-    def _stage_name(self, stage: int) -> str:
-        return f"stage {stage + 1} (rank {self.layout.rank_of(stage)})"
-
-    def _receive_anchors(self, stage: int, rows: int) -> torch.Tensor:
-        count = len(self.stage_anchors[stage])
-        buffer = torch.empty(rows, count, self.target.config.hidden_size, dtype=self.target.dtype,
-                             device=self.target.device)
-        return self.links.recv(buffer, self.layout.rank_of(stage), TAG_ANCHORS,
-                               f"receiving anchors from {self._stage_name(stage)}")
-
-    def prefill_layers(self, embedded: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-        """The prompt flows rank to rank through every stage; anchors come back here, and the last position's
-        final hidden state from stage n."""
-        layout, links, n = self.layout, self.links, self.n
-        links.broadcast_control(PREFILL, embedded.shape[1], self.capacity)
-        hidden = embedded
-        if self.local_stage:
-            hidden, local = self.local_stage.forward(embedded)
-            for i, (j, _) in enumerate(self.stage_anchors[0]):
-                anchors[:, j] = local[:, i]
-        if layout.first_remote == n:
-            return hidden[:, -1]
-        links.send(hidden, layout.rank_of(layout.first_remote), TAG_HIDDEN, "sending the prompt down the pipeline")
-        for stage in range(layout.first_remote, n):
-            if self.stage_anchors[stage]:
-                received = self._receive_anchors(stage, embedded.shape[1])
-                for i, (j, _) in enumerate(self.stage_anchors[stage]):
-                    anchors[:, j] = received[:, i]
-        last = torch.empty(1, 1, embedded.shape[-1], dtype=embedded.dtype, device=embedded.device)
-        links.recv(last, layout.rank_of(n - 1), TAG_OUTPUT, f"receiving the prompt from {self._stage_name(n - 1)}")
-        return last[0]
-
-    def cycle(self) -> None:
-        """SPDState.cycle with the stages started first, so the PDM drafts while they run."""
-        layout, links = self.layout, self.links
-        links.settle()
-        links.broadcast_control(CYCLE, self.cut, self.fill)
-        if layout.first_remote < self.n:
+    def step(self, stage_in: torch.Tensor, fill: torch.Tensor, cut: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.first:
+            self.links.settle()
+            self.links.broadcast_control(CYCLE, cut, fill)
             # A copy: resolve overwrites stage_in before this send is known to be complete.
-            links.send(self.stage_in[layout.first_remote].clone(), layout.rank_of(layout.first_remote), TAG_HIDDEN,
-                       f"sending the next input to {self._stage_name(layout.first_remote)}")
-        draft, q = self.draft()
-        self.run_stages()
-        self.resolve(draft, q, *self.verify(draft, q))
+            self.links.send(stage_in.clone(), self.rank, TAG_HIDDEN, f"sending the next input to {self.name}")
+        return self._receive(self.anchors, wait=False)
 
-    def run_stages(self) -> None:
-        """Stage 1 here when hosted; every stage's anchors, and the last stage's output, from the others."""
-        layout, n = self.layout, self.n
-        if self.local_stage:
-            out, anchors = self.local_stage.step(self.stage_in[0], self.cut, self.fill)
-            self.stage_out[0].copy_(out)
-            self._store_anchors(0, anchors)
-        for stage in range(layout.first_remote, n):
-            if self.stage_anchors[stage]:
-                self._store_anchors(stage, self._receive_anchors(stage, 1))
-        if layout.first_remote < n:
-            self.links.recv(self.stage_out[n - 1], layout.rank_of(n - 1), TAG_OUTPUT,
-                            f"receiving the output of {self._stage_name(n - 1)}")
 
-    def _store_anchors(self, stage: int, anchors: torch.Tensor) -> None:
-        for i, (j, _) in enumerate(self.stage_anchors[stage]):
-            self.store_anchor(stage, j, anchors[:, i])
+class DistributedLanes(Lanes):
+    """Rank 0's lanes: local pieces run at once; remote stages' results arrive by the join."""
 
-    def rollback(self, cut: torch.Tensor) -> None:
-        super().rollback(cut)  # the PDM's cache; this state holds no target layers
-        self.cut = cut  # every stage's cache: travels with the next control message
+    def __init__(self, links: Links):
+        self.links = links
+
+    def join(self) -> None:
+        self.links.finish_receives()
 
 
 def serve_stage(target: Model, layout: Layout, stage: int, bounds: tuple[int, int], anchor_layers,
@@ -335,9 +296,10 @@ def serve_stage(target: Model, layout: Layout, stage: int, bounds: tuple[int, in
         if command == STOP:
             return
         if command == PREFILL:
-            runner = StageRunner(target, stage, bounds, anchor_layers, capacity=int(second))
+            cache = target.new_cache(int(second), num_layers=bounds[1] - bounds[0])  # this stage's layers only
+            runner = LocalStage(target, stage, bounds, anchor_layers, cache, cache_offset=bounds[0])
             prompt = links.recv(empty(int(first)), source, TAG_HIDDEN, f"{me} receiving the prompt from rank {source}")
-            out, anchors = runner.forward(prompt)
+            out, anchors = runner.prefill(prompt)
             send_results(out, anchors)
             if not last:
                 links.send(out, after, TAG_HIDDEN, f"{me} sending the prompt on to rank {after}")
@@ -346,8 +308,9 @@ def serve_stage(target: Model, layout: Layout, stage: int, bounds: tuple[int, in
         if not last:
             links.send(held, after, TAG_HIDDEN, f"{me} sending its last output on to rank {after}")
         hidden = links.recv(empty(1), source, TAG_HIDDEN, f"{me} receiving its input from rank {source}")
-        held, anchors = runner.step(hidden, cut=first, fill=second)
-        send_results(held, anchors)
+        out, anchors = runner.step(hidden, fill=second, cut=first)
+        held = out.clone()  # the executor's buffer is overwritten next cycle, maybe before this send completes
+        send_results(held, anchors.clone())
 
 
 # ---------------------------------------------------------------------------------------------- the session
@@ -364,8 +327,7 @@ def plan_launch(args, world_size: int) -> Plan:
     if args.stages is None and not args.stage_layers:
         raise UserError("--distributed needs --stages N or --stage-layers to lay the stages out on ranks")
     cfg = ModelConfig.from_dir(resolve_model_path(args.model))
-    stage_layers = parse_stage_layers(args.stage_layers) if args.stage_layers else None
-    bounds = partition_layers(cfg.num_layers, args.stages, stage_layers)
+    bounds = partition_layers(cfg.num_layers, args.stages, args.stage_layers)
     Layout.for_launch(len(bounds), world_size)
     return Plan(target_identity(cfg), bounds)
 
@@ -398,8 +360,7 @@ def load_controller(args, plan: Plan, layout: Layout, device: torch.device) -> C
     model = Model.from_pretrained(model_dir, dtype=pick_dtype(args.dtype, device), device=device,
                                   backend=args.backend, layers=local_layers | builder_layers)
     engine = Engine(model, Tokenizer(model_dir), model_dir, model_spec=args.model)
-    stage_layers = parse_stage_layers(args.stage_layers) if args.stage_layers else None
-    pdm = resolve_pdm(engine, args.pdm, stages=args.stages, stage_layers=stage_layers)
+    pdm = resolve_pdm(engine, args.pdm, stages=args.stages, stage_layers=args.stage_layers)
     model.layers = [layer if index in local_layers else None for index, layer in enumerate(model.layers)]
     prompt_ids = engine.encode_prompt(args.prompt, args.chat)
     engine.check_length(len(prompt_ids), args.max_new_tokens)
@@ -515,10 +476,15 @@ def _run_rank(args, links: Links, rank: int, world_size: int, device: torch.devi
 
 
 def _drive(args, links: Links, layout: Layout, plan: Plan, setup: ControllerSetup, anchor_layers) -> None:
-    engine, n = setup.engine, layout.stages
+    engine, n, target = setup.engine, layout.stages, setup.engine.model
     capacity = cache_capacity(len(setup.prompt_ids), args.max_new_tokens, extra=n + 2)
-    local = StageRunner(engine.model, 0, plan.bounds[0], anchor_layers[0], capacity) if layout.hosted else None
-    state = ControllerState(engine.model, setup.pdm, capacity, setup.params, layout, links, local)
+    stages: list[StageExecutor] = [RemoteStage(target, s, layout, links, len(anchor_layers[s]), capacity)
+                                   for s in range(layout.first_remote, n)]
+    if layout.hosted:  # stage 1 on this rank, with a cache of its own layers
+        a, b = plan.bounds[0]
+        stages.insert(0, LocalStage(target, 0, (a, b), anchor_layers[0], target.new_cache(capacity, num_layers=b - a),
+                                    cache_offset=a))
+    state = SPDState(target, setup.pdm, capacity, setup.params, stages=stages, lanes=DistributedLanes(links))
     on_tokens = None if args.json else _text_stream(engine.tokenizer)
     result = run_spd(state, setup.prompt_ids, args.max_new_tokens, engine.eos_ids, on_tokens)
     links.settle()
