@@ -38,7 +38,7 @@ from tqdm import tqdm
 from .errors import UserError
 from .jsonl import write_text_atomic
 from .kv_cache import KVCache
-from .model import Model
+from .model import AnchorCapture, Model
 from .pdm import target_identity
 from .prompt_gen import Prompt, make_prompt
 
@@ -78,20 +78,10 @@ def generate_with_features(model: Model, prompts: list[list[int]], max_new_token
     results: list[Finished | None] = [None] * len(prompts)
     tokens = torch.zeros(batch, dtype=torch.long, device=model.device)
 
-    def capture_into(rows: torch.Tensor | None, b: int | None, positions):
-        """captures for forward_layers writing layer outputs into feature buffers: one row (prefill) or all
-        active slots at their own positions (decode)."""
-        if feature_layers is None:
-            return {}
-        captures = {}
-        for j, layer in enumerate(feature_layers):
-            if layer == 0:
-                continue
-            if rows is not None:
-                captures[layer] = lambda h, j=j: rows[:, j].copy_(h[0])
-            else:
-                captures[layer] = lambda h, j=j: [buffers[slot_of[s]][p, j].copy_(h[s, 0]) for s, p in positions]
-        return captures
+    # One decode step's features for every row, captured in place, then copied to each active row's buffer.
+    step_features = None if feature_layers is None else \
+        torch.empty(batch, 1, len(feature_layers), H, dtype=model.dtype, device=model.device)
+    step_capture = None if feature_layers is None else AnchorCapture(tuple(feature_layers), step_features)
 
     def admit(b: int) -> None:
         index = waiting.pop()
@@ -102,14 +92,13 @@ def generate_with_features(model: Model, prompts: list[list[int]], max_new_token
         row.lengths.zero_()
         prompt = torch.tensor([ids], dtype=torch.long, device=model.device)
         embedded = model.embed(prompt)
-        rows = None
+        capture = None
         if feature_layers is not None:
             buffers[index] = torch.empty(len(ids) + max_new_tokens, len(feature_layers), H, dtype=model.dtype)
-            rows = buffers[index]
+            capture = AnchorCapture(tuple(feature_layers), buffers[index][: len(ids)])
             if 0 in feature_layers:
-                rows[: len(ids), feature_layers.index(0)] = embedded[0]
-        hidden = model.forward_layers(embedded, 0, L, row, captures=capture_into(
-            rows[: len(ids)] if rows is not None else None, b, None))
+                capture.out[:, feature_layers.index(0)] = embedded[0]
+        hidden = model.forward_layers(embedded, 0, L, row, anchors=capture)
         first = int(model.logits(hidden[:, -1]).argmax(-1))
         answers[index].append(first)
         tokens[b] = first
@@ -144,11 +133,12 @@ def generate_with_features(model: Model, prompts: list[list[int]], max_new_token
         # Position of the token being fed, per active slot: prompt + answer so far - 1.
         positions = [(b, len(prompts[slot_of[b]]) + len(answers[slot_of[b]]) - 1) for b in active]
         embedded = model.embed(tokens[:, None])
-        if feature_layers is not None and 0 in feature_layers:
-            j = feature_layers.index(0)
+        if step_features is not None and 0 in feature_layers:
+            step_features[:, :, feature_layers.index(0)] = embedded
+        hidden = model.forward_layers(embedded, 0, L, cache, anchors=step_capture)
+        if step_features is not None:
             for b, p in positions:
-                buffers[slot_of[b]][p, j] = embedded[b, 0]
-        hidden = model.forward_layers(embedded, 0, L, cache, captures=capture_into(None, None, positions))
+                buffers[slot_of[b]][p] = step_features[b, 0]
         next_tokens = model.logits(hidden[:, -1]).argmax(-1)
         tokens.copy_(next_tokens)
         for b, token in zip(active, next_tokens[active].tolist()):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Collection, Mapping, Sequence
+from typing import Collection, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +22,10 @@ from .weights import load_state_dict
 
 @dataclass(frozen=True)
 class AnchorCapture:
-    """Where :meth:`Model.forward_layers` stores anchor hidden states: ``out[:, i]`` (T, k, H) receives the
-    residual-stream state of every row after ``layers_done[i]`` layers. The buffer belongs to the caller
-    (allocated once), so a captured step writes in place."""
+    """Where :meth:`Model.forward_layers` stores anchor hidden states: ``out[..., i, :]`` receives the
+    residual-stream state of every row after ``layers_done[i]`` layers; ``out`` is (T, k, H) for one sequence
+    or (B, T, k, H) for a batch. A layer count forward_layers does not run (0: the embedding) is the caller's
+    to fill. The buffer belongs to the caller (allocated once), so a captured step writes in place."""
     layers_done: tuple[int, ...]
     out: torch.Tensor
 
@@ -206,21 +207,18 @@ class Model:
 
     def forward_layers(self, hidden: torch.Tensor, start: int, end: int, cache: KVCache,
                        anchors: AnchorCapture | None = None, cache_offset: int = 0, advance=None,
-                       attention_plan=None,
-                       captures: Mapping[int, Callable[[torch.Tensor], None]] | None = None) -> torch.Tensor:
+                       attention_plan=None) -> torch.Tensor:
         """Run layers ``[start, end)`` on ``hidden`` (B, T, H) at the cache's current positions.
 
         Each layer's new K/V are written at position ``cache.lengths[layer]`` (a device tensor), and its
         length then advances by T. ``anchors`` stores the hidden state after chosen layer counts (the draft
-        module's anchors; batch 1). ``cache_offset`` maps a model layer to its cache slot when a cache holds
+        module's anchors). ``cache_offset`` maps a model layer to its cache slot when a cache holds
         only a slice of the layers (one pipeline rank). ``advance`` overrides how far the lengths move (an int
         or a device tensor): the pipeline passes 0 for an idle stage, so its writes land past the live length
         and are never read. ``attention_plan`` (``ops.plan_attention`` for this q shape and cache) makes every
-        layer's attention launch into workspaces allocated once. ``captures`` (layers_done -> callback) is the older form of ``anchors``, kept
-        only until PDM training moves to ``anchors``.
+        layer's attention launch into workspaces allocated once.
         """
         cos, sin = self.rope_tables(cache.capacity)
-        captures = captures or {}
         anchor_column = {done: i for i, done in enumerate(anchors.layers_done)} if anchors is not None else {}
         residual = None
         for index in range(start, end):
@@ -232,8 +230,7 @@ class Model:
 
             hidden, residual = self.decoder_layer(self.layers[index], hidden, residual, attend)
             if index + 1 in anchor_column:
-                anchors.out[:, anchor_column[index + 1]].copy_((hidden + residual)[0])
-            if index + 1 in captures:
-                captures[index + 1](hidden + residual)
+                column = anchors.out.select(-2, anchor_column[index + 1])
+                column.copy_((hidden + residual).view(column.shape))
         cache.advance(start - cache_offset, end - cache_offset, hidden.shape[1] if advance is None else advance)
         return hidden + residual if residual is not None else hidden

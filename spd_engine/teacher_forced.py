@@ -36,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from .decode import generate_batch
+from .model import AnchorCapture
 from .pdm import PDM
 from .sampling import SamplingParams, target_probs
 from .simulate import count_cycles
@@ -53,13 +54,9 @@ def teacher_pass(target, ids: list[int], anchor_layers: list[int], first: int | 
     embedded = target.embed(torch.tensor([ids], device=target.device))
     anchors = torch.empty(1, len(ids), len(anchor_layers), target.config.hidden_size, dtype=target.dtype,
                           device=target.device)
-    captures = {}
-    for j, layer in enumerate(anchor_layers):
-        if layer == 0:
-            anchors[0, :, j] = embedded[0]
-        else:
-            captures[layer] = lambda h, j=j: anchors[0, :, j].copy_(h[0])
-    hidden = target.forward_layers(embedded, 0, L, cache, captures=captures)
+    if 0 in anchor_layers:  # the embedding; forward_layers fills the layer outputs
+        anchors[0, :, anchor_layers.index(0)] = embedded[0]
+    hidden = target.forward_layers(embedded, 0, L, cache, anchors=AnchorCapture(tuple(anchor_layers), anchors[0]))
     return anchors, None if first is None else target.logits(hidden[0, first:]).float()
 
 

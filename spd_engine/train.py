@@ -46,6 +46,7 @@ from .decode import generate_batch
 from .jsonl import write_text_atomic
 from .errors import UserError
 from .jsonl import read_jsonl
+from .model import AnchorCapture
 from .pdm import PDM, WEIGHTS_FILE
 from .stages import parse_stage_layers, partition_layers
 
@@ -424,10 +425,9 @@ def target_pass(target, ids: torch.Tensor, anchor_layers: list[int], draft_vocab
     for b in range(B):
         cache.reset()
         embedded = target.embed(ids[b: b + 1])
-        anchors[b, :, 0] = embedded[0]
-        captures = {layer: (lambda h, b=b, j=j: anchors[b, :, j].copy_(h[0]))
-                    for j, layer in enumerate(anchor_layers) if layer > 0}
-        logits = target.logits(target.forward_layers(embedded, 0, L, cache, captures=captures))[0]
+        anchors[b, :, 0] = embedded[0]  # anchor 0 is the embedding; forward_layers fills the others
+        capture = AnchorCapture(tuple(anchor_layers), anchors[b])
+        logits = target.logits(target.forward_layers(embedded, 0, L, cache, anchors=capture))[0]
         argmax[b] = logits.argmax(-1)
         teacher[b] = logits[:, draft_vocab].float()
     return TargetOutputs(anchors, teacher, argmax)

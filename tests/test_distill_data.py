@@ -19,6 +19,7 @@ from spd_engine.distill_data import MANIFEST_FILE, build_data, generate_with_fea
 from spd_engine.engine import Engine
 from spd_engine.errors import UserError
 from spd_engine.feature_cache import FeatureCache
+from spd_engine.model import AnchorCapture
 from spd_engine.prompt_gen import DOMAIN_WEIGHTS, make_prompt
 from spd_engine.sampling import SamplingParams
 from tiny_models import make_tiny_model
@@ -88,9 +89,8 @@ def test_continuous_batching_answers_and_features_equal_one_at_a_time(engine):
         expected = torch.empty_like(result.features)
         embedded = model.embed(torch.tensor([fed]))
         expected[:, 0] = embedded[0]
-        captures = {layer: (lambda h, j=j: expected[:, j].copy_(h[0])) for j, layer in enumerate(LAYERS) if layer}
         with torch.inference_mode():
-            model.forward_layers(embedded, 0, 4, cache, captures=captures)
+            model.forward_layers(embedded, 0, 4, cache, anchors=AnchorCapture(tuple(LAYERS), expected))
         torch.testing.assert_close(result.features, expected, rtol=1e-4, atol=1e-5)
 
 
