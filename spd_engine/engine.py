@@ -99,6 +99,9 @@ class Engine:
         ``ignore_eos`` (benchmarks want a fixed token count)."""
         if mode not in MODES:
             raise UserError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")
+        if mode == "vanilla" and (pdm is not None or stages is not None or stage_layers):
+            raise UserError("--pdm, --stages and --stage-layers apply to --mode spd only; add --mode spd, or drop "
+                            "them for plain decoding")
         params = SamplingParams(temperature, top_k, top_p, seed)
         if prompt_ids is None:
             if prompt is None:
@@ -115,5 +118,6 @@ class Engine:
 
             draft = resolve_pdm(self, pdm, stages=stages, stage_layers=stage_layers)
             result = generate_spd(self.model, draft, prompt_ids, max_new_tokens, params, eos_ids, on_tokens)
+        # token_ids keep the end-of-turn token; the text is what a reader sees, without special tokens.
         return Output(result.prompt_ids, result.token_ids, result.stats, result.trace,
-                      text=self.tokenizer.decode(result.token_ids))
+                      text=self.tokenizer.decode(result.token_ids, skip_special_tokens=True))

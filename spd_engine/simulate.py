@@ -30,6 +30,7 @@ two coincide and approach n / (1 + (n − 1)(1 − p)) for i.i.d. acceptance p.
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
 import sys
@@ -148,6 +149,21 @@ class StepTimes:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(asdict(self), indent=1))
         return path
+
+
+def busy_machine_warning(load: float | None = None, cores: int | None = None) -> str | None:
+    """A warning when other work keeps the CPUs busy (1-minute load average above half the cores): step times
+    measured then come out inflated, and so would every prediction made from them."""
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (OSError, AttributeError):  # not available on this platform: nothing to warn about
+            return None
+    cores = cores or os.cpu_count() or 1
+    if load <= cores / 2:
+        return None
+    return (f"spd-engine: warning: this machine is busy (load average {load:.2f} on {cores} cores), so the step "
+            "times measured now will be too slow; measure on an idle machine, or pass --times from one")
 
 
 def measure_step_times(engine, stages: list[int], context: int = 256, repeats: int = 30, tower_layers: int = 1,
@@ -503,7 +519,10 @@ def run(args) -> int:
 
         if args.repeats < 1:
             raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+        busy = busy_machine_warning()  # before loading: the load average must not count this process's own work
         engine = Engine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+        if busy and engine.model.device.type == "cpu":
+            print(busy, file=sys.stderr)
         print(f"measuring step times of {args.model} on {engine.model.device} ...", file=sys.stderr)
         times = measure_step_times(engine, stages, context=args.context, repeats=args.repeats,
                                    tower_layers=args.tower_layers, draft_vocab=args.draft_vocab)
