@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         return args.func(args)
     except UserError as exc:
-        print(f"spd-engine: error: {exc}", file=sys.stderr)
+        one_line = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # the contract: one line
+        print(f"spd-engine: error: {one_line}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("spd-engine: interrupted", file=sys.stderr)

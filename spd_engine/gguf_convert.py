@@ -95,8 +95,6 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"output directory '{out_dir}' already exists and is not empty; remove it or choose another")
-    say = (lambda text: print(f"spd-engine: {text}", file=sys.stderr, flush=True)) if progress else (lambda text: None)
-    say(f"reading {gguf_path.name}")
     reader = open_gguf(gguf_path)
     meta = _Metadata(reader, gguf_path)
 
@@ -117,7 +115,6 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
         raise UserError(f"'{gguf_path.name}' has malformed metadata ({type(exc).__name__}: {exc})") from exc
     state_dict = _convert_tensors(reader, gguf_path, config, dtype, progress)
 
-    say(f"writing {out_dir}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
@@ -426,7 +423,7 @@ def _convert_tensors(reader: gguf.GGUFReader, path: Path, config: dict, dtype: t
     row_heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     state_dict = {}
     for tensor in tqdm(reader.tensors, desc=f"spd-engine: dequantising {path.name}", unit="tensor",
-                       disable=not progress, file=sys.stderr):
+                       disable=None if progress else True, file=sys.stderr):  # None: only on a terminal
         if tensor.name == _ROPE_FREQS_TENSOR:
             continue
         hf_name = _hf_tensor_name(tensor.name, path)

@@ -578,7 +578,8 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def _damaged(checkpoint: Path, exc: Exception) -> UserError:
-    return UserError(f"checkpoint '{checkpoint}' is damaged ({type(exc).__name__}: {exc}); delete "
+    first_line = (str(exc).strip().splitlines() or [""])[0]  # torch.load's messages run to many lines
+    return UserError(f"checkpoint '{checkpoint}' is damaged ({type(exc).__name__}: {first_line}); delete "
                      f"'{checkpoint.parent}' to start over")
 
 
