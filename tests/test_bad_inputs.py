@@ -31,6 +31,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import spd_engine
 from spd_engine.cli import main
 from test_gguf_convert import hf_weights, write_gguf
 from tiny_models import make_tiny_model
@@ -494,3 +495,34 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, originals, tmp_pa
     assert err.startswith("spd-engine: error: ") and err.count("\n") == 1, err
     assert case.message in err
     assert snapshot(work) == before  # nothing written: no partial outputs, earlier outputs intact
+
+
+# The issue's own reports (a corrupt pdm.safetensors, a garbage .gguf as --model and to convert-gguf) and a bad
+# flag, as real processes: the entry point itself must print one line and exit 2.
+# Run from another directory, the process must still import the code under test, not an installed copy.
+SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+    [str(Path(spd_engine.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+SUBPROCESS_CASES = ["pdm-weights-header-size-huge", "gguf-model-bad-magic", "convert-bad-magic",
+                    "config-hidden_size-null"]
+
+
+@pytest.mark.parametrize("name", SUBPROCESS_CASES)
+def test_bad_input_in_a_real_process(name, originals, tmp_path):
+    case = next(case for case in CASES if case.name == name)
+    work = tmp_path / "w"
+    shutil.copytree(originals, work)
+    case.damage(work)
+    before = snapshot(work)
+    env = dict(SUBPROCESS_ENV, SPD_ENGINE_CACHE=str(work / "cache"))
+    proc = subprocess.run([sys.executable, "-m", "spd_engine", *map(str, COMMANDS[case.command](work))], cwd=work,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
+    assert proc.stderr.startswith("spd-engine: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert snapshot(work) == before
+
+
+def test_bad_flag_in_a_real_process(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "spd_engine", "generate", "--max-new-tokens", "many"], cwd=tmp_path,
+                          env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("spd-engine: error: argument --max-new-tokens: invalid int value: 'many'")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+import spd_engine
 from spd_engine.gguf_convert import MODEL_FILES
 from spd_engine.pdm import CONFIG_FILE, WEIGHTS_FILE
 from test_gguf_convert import hf_weights, write_gguf
@@ -29,7 +30,9 @@ pytestmark = pytest.mark.slow
 SEED = 19
 KILLS = 3
 STEPS = 12
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+# Run from other directories, the processes must still import the code under test, not an installed copy.
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+    [str(Path(spd_engine.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
 
 
 def spd_engine(*args, cwd: Path) -> subprocess.Popen:
