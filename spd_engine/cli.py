@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Subcommands owned by their modules: each defines add_arguments(parser) and run(args) -> exit code.
     for name, module, text in (("train-pdm", "train", "train a draft module (PDM) by distillation"),
                                ("eval", "evaluate", "acceptance and losslessness over a prompt set"),
-                               ("simulate", "simulate", "predict multi-device SPD speed from measurements")):
+                               ("simulate", "simulate", "predict multi-device SPD speed from measurements"),
+                               ("build-data", "distill_data", "self-distilled training data and its feature cache")):
         owner = importlib.import_module(f"spd_engine.{module}")
         command = sub.add_parser(name, help=text)
         owner.add_arguments(command)

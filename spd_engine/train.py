@@ -33,7 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,7 +45,6 @@ from .decode import generate_batch
 from .jsonl import write_text_atomic
 from .errors import UserError
 from .jsonl import read_jsonl
-from .ops.reference import aggregate_features
 from .pdm import PDM, WEIGHTS_FILE
 from .stages import parse_stage_layers, partition_layers
 from .weights import read_safetensors
@@ -94,10 +93,21 @@ class TrainOptions:
     resume: bool = False
     seed: int = 0
     target_cache_gb: float = 4.0  # keep the target's outputs when a set fits (a pure speed-up)
+    cache: str | None = None  # a build-data feature cache: train the PDM alone, no target forward per step
+    fill_mix: str = "half"  # "half": the reference's 50/50; "regime": fills weighted by their share of drafts
+    expected_acceptance: float = 0.6  # p of the "regime" mixture
+    normalize_anchors: bool = False  # train on RMS-standardised anchors, folded into the weights at save time
+    max_rows: int = 768  # a cached conversation longer than this trains on its last max_rows rows
 
     def check(self) -> None:
-        if not self.data:
-            raise UserError("give at least one --data file")
+        if bool(self.data) == bool(self.cache):
+            raise UserError("give either --data files or --cache DIR (a build-data feature cache), not both")
+        if self.fill_mix not in FILL_MIXES:
+            raise UserError(f"--fill-mix must be one of {', '.join(FILL_MIXES)}, got '{self.fill_mix}'")
+        if not 0 <= self.expected_acceptance < 1:
+            raise UserError(f"--expected-acceptance must be in [0, 1), got {self.expected_acceptance}")
+        if self.max_rows < 2:
+            raise UserError(f"--max-rows must be >= 2, got {self.max_rows}")
         for name, value, low in (("--tower-layers", self.tower_layers, 1), ("--draft-vocab", self.draft_vocab, 1),
                                  ("--answer-tokens", self.answer_tokens, 1), ("--seq-len", self.seq_len, 2),
                                  ("--batch-size", self.batch_size, 1), ("--steps", self.steps, 1),
@@ -113,6 +123,31 @@ class TrainOptions:
             raise UserError(f"--target-cache-gb must be >= 0, got {self.target_cache_gb}")
         if not 0 <= self.val_fraction < 1:
             raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+
+
+FILL_MIXES = ("half", "regime")
+MIN_FULL_PIPELINE = 0.2  # the regime mixture still trains the full pipeline this often
+
+
+def fill_probabilities(stages: int, mix: str, expected_acceptance: float) -> torch.Tensor:
+    """(n,) probability of training fill f = 1..n.
+
+    ``half``: the reference's partial-fill augmentation, full pipeline half the time, else uniform over
+    [1, n-1]. ``regime``: each fill's share of verified drafts at per-draft acceptance p: after a flush the
+    pipeline refills one token per accepted draft, so a draft is made at fill k < n with probability
+    (1-p) p^(k-1) and at a full pipeline with p^(n-1); the full pipeline keeps at least
+    :data:`MIN_FULL_PIPELINE`, the other fills sharing the rest in proportion."""
+    n = stages
+    if n == 1:
+        return torch.ones(1)
+    if mix == "half":
+        return torch.cat([torch.full((n - 1,), 0.5 / (n - 1)), torch.tensor([0.5])])
+    p = expected_acceptance
+    shares = torch.tensor([(1 - p) * p ** (k - 1) for k in range(1, n)] + [p ** (n - 1)], dtype=torch.float64)
+    if shares[-1] < MIN_FULL_PIPELINE:
+        shares[:-1] *= (1 - MIN_FULL_PIPELINE) / shares[:-1].sum()
+        shares[-1] = MIN_FULL_PIPELINE
+    return (shares / shares.sum()).float()
 
 
 # Options that may differ between a run and its resumption: none of them changes a trained number.
@@ -325,7 +360,7 @@ def staircase_blocks(depth_types: list[int], per_depth: bool = False) -> list[tu
     return list(blocks.items())
 
 
-def staircase_mask(depth_types: list[int], seq_len: int, fill: int | None = None,
+def staircase_mask(depth_types: list[int], seq_len: int, fill: int | torch.Tensor | None = None,
                    per_depth: bool = False) -> torch.Tensor:
     """(R, R) boolean attention mask (True = visible) over ``R = blocks * seq_len`` rows laid out block-major
     (block b, position t at row ``b * seq_len + t``; blocks from :func:`staircase_blocks`), recreating what
@@ -341,11 +376,16 @@ def staircase_mask(depth_types: list[int], seq_len: int, fill: int | None = None
     is exact for any tower depth; with merged blocks a row stands for the shallowest depth of its type, which
     is exact for a one-layer tower only. Every row sees at least one row at its own position (itself, or the
     deepest row when its depth is past the fill), so none is empty.
+
+    ``fill`` may also be a (seq_len,) tensor: query position t then sees the pipeline at fill ``fill[t]``.
+    Each depth-0 query's attention depends on its own mask row only, so with a one-layer tower one pass
+    trains every fill level at once (regime-weighted fills, :func:`fill_probabilities`).
     """
     n = len(depth_types) - 1
-    fill = n if fill is None else fill
-    if not 1 <= fill <= n:
-        raise ValueError(f"fill must be in [1, {n}], got {fill}")
+    fill = torch.as_tensor(n if fill is None else fill)
+    if not bool(((fill >= 1) & (fill <= n)).all()):
+        raise ValueError(f"fill must be in [1, {n}], got {fill.tolist()}")
+    fill = fill.reshape(-1, 1)  # one fill for every query, or one per query position: (T, 1) against keys
     blocks = staircase_blocks(depth_types, per_depth)
     block_of_type = {kind: index for index, (kind, _) in enumerate(blocks)}
     # The block holding each depth's rows: its own with per-depth blocks, its type's otherwise.
@@ -424,11 +464,29 @@ class TargetCache:
         return target_pass(self.target, ids, self.pdm.config.anchors, self.pdm.draft_vocab)
 
 
+def type_weight(agg_weight: torch.Tensor, kind: int, hidden: int) -> torch.Tensor:
+    """W_kind, the (H, (kind+1)H) block of the side-by-side aggregation weights (layout in :mod:`spd_engine.pdm`)."""
+    start = hidden * kind * (kind + 1) // 2
+    return agg_weight[:, start: start + hidden * (kind + 1)]
+
+
+def folded_agg_weight(agg_weight: torch.Tensor, anchor_inv_scale: torch.Tensor) -> torch.Tensor:
+    """Weights over raw anchors equal to ``agg_weight`` over anchors scaled by ``anchor_inv_scale`` (m, H):
+    each W_i's column block j is multiplied by the scale of anchor j."""
+    m = anchor_inv_scale.shape[0]
+    columns = torch.cat([anchor_inv_scale[: kind + 1].reshape(-1) for kind in range(m)])
+    return agg_weight * columns.to(agg_weight.dtype)[None]
+
+
 class Distiller:
     """The frozen target and the trainable PDM, with the forward pieces that training and validation share."""
 
-    def __init__(self, target, pdm: PDM):
+    def __init__(self, target, pdm: PDM, anchor_inv_scale: torch.Tensor | None = None):
+        """``anchor_inv_scale`` (m, H): normalised anchors. The trainable ``pdm.agg_weight`` then acts on
+        anchors times this scale (every type sees inputs of a similar size), and :func:`folded_agg_weight` folds
+        the scale back into the weights the engine runs, so the ``aggregate_features`` op never changes."""
         self.target, self.pdm = target, pdm
+        self.anchor_inv_scale = anchor_inv_scale
         self.depth_types = pdm.depth_types
         self.per_depth = pdm.config.tower_layers > 1
         self.blocks = staircase_blocks(self.depth_types, self.per_depth)
@@ -438,33 +496,38 @@ class Distiller:
         half_on_gpu = target.device.type == "cuda" and target.dtype != torch.float32
         self.autocast = (lambda: torch.autocast("cuda", dtype=target.dtype)) if half_on_gpu else nullcontext
 
-    def draft_logits(self, anchors: torch.Tensor, fill: int | None = None,
-                     positions_wanted: torch.Tensor | None = None) -> torch.Tensor:
+    def draft_logits(self, anchors: torch.Tensor, fill=None, positions_wanted: torch.Tensor | None = None,
+                     first_query: int = 0) -> torch.Tensor:
         """Draft logits (B, T, K) of the depth-0 rows: one block of aggregated features per type, the tower
         under the staircase mask at ``fill`` (default: full pipeline). ``positions_wanted`` limits the head
-        to those positions (B, len(positions_wanted), K)."""
+        to those positions (B, len(positions_wanted), K). ``first_query`` skips the queries (and head rows) of
+        positions before it: rows (B, T - first_query, K) for positions first_query.. (they stay keys)."""
         pdm = self.pdm
         B, T, m, H = anchors.shape
-        flat = anchors.reshape(B * T, m, H)
-        rows = torch.arange(B * T, device=anchors.device)
+        if self.anchor_inv_scale is not None:
+            anchors = anchors * self.anchor_inv_scale.to(anchors.dtype)
         with self.autocast():
-            # Only anchors 0..type are read by a type, so each block passes just those: the reference op then
-            # skips the deeper types it would otherwise compute and discard.
-            features = torch.cat([aggregate_features(flat[:, : kind + 1], pdm.agg_weight, rows,
-                                                     torch.full_like(rows, kind)).view(B, T, H)
-                                  for kind, _ in self.blocks], dim=1)
+            # Each block is aggregated once, at its own type: g_i = W_i . concat(h_0..h_i), one GEMM.
+            features = torch.cat([F.linear(anchors[:, :, : kind + 1].reshape(B, T, (kind + 1) * H),
+                                           type_weight(pdm.agg_weight, kind, H)) for kind, _ in self.blocks], dim=1)
             positions = torch.arange(T, device=anchors.device).repeat(len(self.blocks))
             mask = staircase_mask(self.depth_types, T, fill, self.per_depth).to(anchors.device)
-            out = pdm.masked_tower(features, positions, mask, outputs=T)  # the depth-0 rows
+            if first_query:
+                # Depth-0 rows are seen by their own query alone, so those before first_query can go.
+                keep = torch.arange(first_query, len(positions), device=anchors.device)
+                features, positions, mask = features[:, keep], positions[keep], mask[keep][:, keep]
+            out = pdm.masked_tower(features, positions, mask, outputs=T - first_query)  # the depth-0 rows
             if positions_wanted is not None:
                 out = out[:, positions_wanted]
             return pdm.draft_logits(out).float()
 
-    def loss_and_matches(self, logits: torch.Tensor, outputs: TargetOutputs):
-        """KL(target ‖ draft) over the draft vocabulary, averaged over positions whose target argmax is in it;
-        plus (B, T) top-1 agreement with the target argmax (out-of-vocabulary targets are misses) and the
-        in-vocabulary mask."""
+    def loss_and_matches(self, logits: torch.Tensor, outputs: TargetOutputs, where: torch.Tensor | None = None):
+        """KL(target ‖ draft) over the draft vocabulary, averaged over positions whose target argmax is in it
+        (and, with ``where`` (B, T), that are scored); plus (B, T) top-1 agreement with the target argmax
+        (out-of-vocabulary targets are misses) and the in-vocabulary mask."""
         in_vocab = self.vocab_row[outputs.argmax] >= 0
+        if where is not None:
+            in_vocab = in_vocab & where
         kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(outputs.teacher, -1), log_target=True,
                       reduction="none").sum(-1)
         loss = (kl * in_vocab).sum() / in_vocab.sum().clamp(min=1)
@@ -511,31 +574,61 @@ class Distiller:
                 "in_vocab_fraction": int(counted.sum()) / max(positions, 1), "positions": positions}
 
 
-def _train_step(distiller: Distiller, optimizer, scheduler, outputs: TargetOutputs, fill: int | None):
-    loss, matches, _ = distiller.loss_and_matches(distiller.draft_logits(outputs.anchors, fill), outputs)
+def _train_step(distiller: Distiller, optimizer, scheduler, outputs: TargetOutputs, fill,
+                where: torch.Tensor | None = None):
+    """One optimiser step; returns (loss, top-1 agreement over the scored positions, all when ``where`` is None).
+    Positions before the first scored one are keys only: their queries are not computed."""
+    first = 0
+    if where is not None:
+        first = int(where.any(0).nonzero()[0]) if bool(where.any()) else 0
+        outputs = TargetOutputs(outputs.anchors, outputs.teacher[:, first:], outputs.argmax[:, first:])
+        where = where[:, first:]
+    logits = distiller.draft_logits(outputs.anchors, fill, first_query=first)
+    loss, matches, _ = distiller.loss_and_matches(logits, outputs, where)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(distiller.pdm.trainable(), GRAD_CLIP)
     optimizer.step()
     scheduler.step()
-    return float(loss.detach()), float(matches.float().mean())
+    top1 = matches.float().mean() if where is None else (matches & where).sum() / where.sum().clamp(min=1)
+    return float(loss.detach()), float(top1)
+
+
+BUCKET_BATCHES = 16  # length bucketing groups items over this many batches at a time
 
 
 class BatchSampler:
     """Endless shuffled batches: each epoch is a fresh permutation drawn from ``generator``; a batch may span
     an epoch boundary. Its state (the current order and cursor) is checkpointed with the generator's."""
 
-    def __init__(self, size: int, batch_size: int, generator: torch.Generator):
+    def __init__(self, size: int, batch_size: int, generator: torch.Generator, lengths: list[int] | None = None):
+        """With ``lengths``, each epoch's order is grouped so that a batch holds items of similar length (less
+        padding): chunks of BUCKET_BATCHES batches are sorted by length, cut into batches, and those batches
+        shuffled. The transform is a function of the permutation and the generator, so the checkpointed
+        (order, cursor) still resumes exactly."""
         self.size, self.batch_size, self.generator = size, batch_size, generator
+        self.lengths = None if lengths is None else torch.tensor(lengths)
         self.order = torch.empty(0, dtype=torch.long)
         self.cursor = 0
+
+    def _epoch_order(self) -> torch.Tensor:
+        order = torch.randperm(self.size, generator=self.generator)
+        if self.lengths is None:
+            return order
+        span = self.batch_size * BUCKET_BATCHES
+        batches = []
+        for start in range(0, self.size, span):
+            chunk = order[start: start + span]
+            chunk = chunk[torch.sort(self.lengths[chunk], stable=True).indices]
+            batches.extend(chunk.split(self.batch_size))
+        return torch.cat([batches[i] for i in torch.randperm(len(batches), generator=self.generator).tolist()])
 
     def next(self) -> torch.Tensor:
         taken = []
         need = self.batch_size
         while need:
             if self.cursor == len(self.order):
-                self.order, self.cursor = torch.randperm(self.size, generator=self.generator), 0
+                self.order, self.cursor = self._epoch_order(), 0
             chunk = self.order[self.cursor: self.cursor + need]
             taken.append(chunk)
             self.cursor += len(chunk)
@@ -713,6 +806,8 @@ def train_pdm(engine, options: TrainOptions, progress: bool = True) -> dict:
             if state["identity"].get(key) != value:
                 raise UserError(f"cannot resume from '{checkpoint}': it was trained with {key}="
                                 f"{state['identity'].get(key)!r}, this run asks for {value!r}")
+    if options.cache:
+        return _train_from_cache(engine, options, bounds, checkpoint, state, identity, progress)
 
     data_started = time.perf_counter()
     data = load_training_data(engine, options, progress)
@@ -788,6 +883,176 @@ def train_pdm(engine, options: TrainOptions, progress: bool = True) -> dict:
     return report
 
 
+# ====================================================================== training from a feature cache
+CACHE_VAL_SEQUENCES = 96  # held-out conversations: validation runs every fill over them
+
+
+@contextmanager
+def inference_weights(pdm: PDM, anchor_inv_scale: torch.Tensor | None):
+    """While saving: the PDM holds the weights the engine runs (normalisation folded in)."""
+    if anchor_inv_scale is None:
+        yield
+        return
+    trained = pdm.agg_weight
+    pdm.agg_weight = folded_agg_weight(trained.detach(), anchor_inv_scale)
+    try:
+        yield
+    finally:
+        pdm.agg_weight = trained
+
+
+def _cache_split(cache, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(seed)).tolist()
+    held_out = min(CACHE_VAL_SEQUENCES, max(1, round(val_fraction * len(cache)))) if val_fraction > 0 else 0
+    if len(order) - held_out < 1:
+        raise UserError(f"the feature cache has {len(cache)} conversations: too few to train and validate on")
+    return sorted(order[held_out:]), sorted(order[:held_out])
+
+
+def _fills(generator: torch.Generator, probabilities: torch.Tensor, length: int, per_position: bool):
+    """Fill levels for one step: one per query position (exact for a one-layer tower) or one for the step."""
+    draws = torch.multinomial(probabilities, length if per_position else 1, replacement=True, generator=generator)
+    return draws + 1 if per_position else int(draws) + 1
+
+
+class CacheDistiller(Distiller):
+    """A :class:`Distiller` fed from a feature cache: the teacher comes from the cached last-layer output."""
+
+    def teacher(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            head = self.target.lm_head_weight[self.pdm.draft_vocab].float()
+            return F.linear(self.target.final_norm(last_hidden.to(self.target.dtype)).float(), head)
+
+    def outputs(self, batch) -> TargetOutputs:
+        return TargetOutputs(batch.anchors, self.teacher(batch.last_hidden), batch.next_tokens)
+
+    @torch.no_grad()
+    def validate_fills(self, cache, indices: list[int], batch_size: int, max_rows: int) -> dict | None:
+        """Per fill f = 1..n, on the held-out answer tokens: the draft's agreement with the target's token
+        (an out-of-vocabulary token is a miss), i.e. the predicted per-draft acceptance at that fill."""
+        if not indices:
+            return None
+        n = self.pdm.config.stages
+        hits, scored, in_vocab, loss_sum = torch.zeros(n), 0, 0, 0.0
+        for start in range(0, len(indices), batch_size):
+            batch = cache.batch(indices[start: start + batch_size], max_rows)
+            outputs = self.outputs(batch)
+            scored += int(batch.scored.sum())
+            in_vocab += int((batch.scored & (self.vocab_row[batch.next_tokens] >= 0)).sum())
+            first = int(batch.scored.any(0).nonzero()[0]) if bool(batch.scored.any()) else 0
+            outputs = TargetOutputs(outputs.anchors, outputs.teacher[:, first:], outputs.argmax[:, first:])
+            where = batch.scored[:, first:]
+            for f in range(1, n + 1):
+                loss, matches, counted = self.loss_and_matches(
+                    self.draft_logits(batch.anchors, f, first_query=first), outputs, where)
+                hits[f - 1] += float((matches & where).sum())
+                if f == n:
+                    loss_sum += float(loss) * float(counted.sum())
+        acceptance = (hits / max(scored, 1)).tolist()
+        return {"acceptance_by_fill": {str(f): a for f, a in enumerate(acceptance, 1)},
+                "acceptance_full_pipeline": acceptance[-1], "loss_full_pipeline": loss_sum / max(in_vocab, 1),
+                "in_vocab_fraction": in_vocab / max(scored, 1), "answer_tokens": scored}
+
+
+def _train_from_cache(engine, options: TrainOptions, bounds, checkpoint: Path | None, state: dict | None,
+                      identity: dict, progress: bool) -> dict:
+    """``train-pdm --cache``: the PDM alone learns from cached anchors and teacher hidden states; no target
+    forward runs per step. Loss on answer tokens only, fills drawn by ``--fill-mix``."""
+    from .feature_cache import FeatureCache
+
+    target, out_dir = engine.model, Path(options.out)
+    anchors = _parse_anchors(options.anchors)
+    if anchors == "auto":
+        anchors = sorted({0, *(b for _, b in bounds)})  # every stage boundary, the last layer's output included
+    cache = FeatureCache(options.cache, target.config, anchors)
+    train_ids, val_ids = _cache_split(cache, options.val_fraction, options.seed)
+    answer_tokens = torch.tensor([t for i in train_ids for t in cache.sequences[i].tokens[
+        cache.sequences[i].answer_start:]])
+    fingerprint = hashlib.sha1(json.dumps([s.tokens for s in cache.sequences]).encode()).hexdigest()
+    if state is not None and state["data_fingerprint"] != fingerprint:
+        raise UserError(f"cannot resume from '{checkpoint}': the feature cache changed since it was written")
+    total_steps = options.steps or math.ceil(options.epochs * len(train_ids) / options.batch_size)
+    inv_scale = (1.0 / cache.channel_rms()).to(target.device) if options.normalize_anchors else None
+
+    if state is None:
+        vocab = choose_draft_vocab(answer_tokens, torch.empty(0, dtype=torch.long), target.config.vocab_size,
+                                   options.draft_vocab)
+        pdm = PDM.create(target, bounds, anchors, options.tower_layers, vocab, seed=options.seed)
+        _set_trainable(pdm, pdm.state_dict())
+    else:
+        pdm = PDM.load(checkpoint, target, bounds)
+        _set_trainable(pdm, {**load_file(str(checkpoint / WEIGHTS_FILE)), "agg_weight": state["agg_normed"]})
+    distiller = CacheDistiller(target, pdm, inv_scale)
+    probabilities = fill_probabilities(pdm.config.stages, options.fill_mix, options.expected_acceptance)
+    per_position = options.tower_layers == 1
+
+    optimizer = torch.optim.AdamW(pdm.trainable(), lr=options.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(total_steps))
+    generator = torch.Generator().manual_seed(options.seed)
+    lengths = [min(cache.sequences[i].rows, options.max_rows) for i in train_ids]
+    sampler = BatchSampler(len(train_ids), options.batch_size, generator, lengths)
+    if state is None:
+        step, seconds, rows_seen, running = 0, 0.0, 0, {"loss": None, "top1": None}
+        initial_val = distiller.validate_fills(cache, val_ids, options.batch_size, options.max_rows)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["data_order"])
+        _restore_rng(generator, state["rng"])
+        step, seconds, running = state["step"], state["train_seconds"], state["running"]
+        rows_seen, initial_val = state["rows_seen"], state["initial_val"]
+    history = list(state["history"]) if state is not None else []
+
+    def checkpoint_now() -> None:
+        trainer = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                   "data_order": sampler.state_dict(), "rng": _rng_state(generator), "identity": identity,
+                   "data_fingerprint": fingerprint, "train_seconds": seconds, "running": dict(running),
+                   "initial_val": initial_val, "rows_seen": rows_seen, "history": history,
+                   "agg_normed": pdm.agg_weight.detach().clone()}
+        with inference_weights(pdm, inv_scale):
+            save_checkpoint(out_dir, step, pdm, trainer)
+
+    bar = tqdm(total=total_steps, initial=step, desc="train-pdm", unit="step", disable=not progress, file=sys.stderr)
+    while step < total_steps:
+        started = time.perf_counter()
+        batch = cache.batch([train_ids[i] for i in sampler.next().tolist()], options.max_rows)
+        fill = _fills(generator, probabilities, batch.anchors.shape[1], per_position)
+        loss, top1 = _train_step(distiller, optimizer, scheduler, distiller.outputs(batch), fill, batch.scored)
+        seconds += time.perf_counter() - started
+        rows_seen += int(batch.scored.sum())
+        step += 1
+        for key, value in (("loss", loss), ("top1", top1)):
+            running[key] = value if running[key] is None else 0.95 * running[key] + 0.05 * value
+        bar.update(1)
+        bar.set_postfix(loss=f"{running['loss']:.3f}", top1=f"{running['top1']:.3f}")
+        if step % options.checkpoint_every == 0 or step == total_steps:
+            history.append({"step": step, "answer_tokens_seen": rows_seen, "train_top1": running["top1"],
+                            "val": distiller.validate_fills(cache, val_ids, options.batch_size, options.max_rows)})
+            if step < total_steps:
+                checkpoint_now()
+    bar.close()
+    if state is None or step > state["step"]:
+        checkpoint_now()
+    with inference_weights(pdm, inv_scale):
+        pdm.save(out_dir)
+    report = {
+        "model": engine.model_spec, "device": str(target.device), "dtype": str(target.dtype).replace("torch.", ""),
+        "out": str(out_dir), "cache": str(options.cache), "stages": pdm.config.stages,
+        "stage_layers": [b - a for a, b in pdm.config.stage_bounds], "anchors": pdm.config.anchors,
+        "tower_layers": pdm.config.tower_layers, "draft_vocab": pdm.config.draft_vocab_size,
+        **_size_report(pdm, out_dir), "fill_mix": options.fill_mix, "expected_acceptance": options.expected_acceptance,
+        "fill_probabilities": probabilities.tolist(), "normalize_anchors": options.normalize_anchors,
+        "train_conversations": len(train_ids), "val_conversations": len(val_ids),
+        "train_answer_tokens": int(answer_tokens.numel()), "steps": step, "batch_size": options.batch_size,
+        "lr": options.lr, "epochs": step * options.batch_size / len(train_ids), "train_seconds": seconds,
+        "answer_tokens_seen": rows_seen, "train_tokens_per_s": rows_seen / seconds if seconds else 0.0,
+        "train_loss": running["loss"], "train_top1": running["top1"], "val_initial": initial_val,
+        "val": history[-1]["val"] if history else None, "history": history,
+    }
+    write_text_atomic(out_dir / REPORT_FILE, json.dumps(report, indent=1))
+    return report
+
+
 # ====================================================================== CLI
 def add_arguments(p) -> None:
     from .cli import _add_model_args
@@ -798,7 +1063,17 @@ def add_arguments(p) -> None:
     p.add_argument("--anchors", default="auto", help="'auto' or hidden-state indices, e.g. 0,8,16,24,29")
     p.add_argument("--tower-layers", type=int, default=1, help="decoder layers in the PDM's tower (L_s)")
     p.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary size K (capped at the model's)")
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="train from a build-data feature cache (no target forward per step; answer tokens only)")
+    p.add_argument("--fill-mix", choices=FILL_MIXES, default="half",
+                   help="pipeline fills to train: 'half' (full half the time) or 'regime' (each fill's share of "
+                        "verified drafts at --expected-acceptance, full pipeline >= 20%%)")
+    p.add_argument("--expected-acceptance", type=float, default=0.6, help="p of --fill-mix regime")
+    p.add_argument("--normalize-anchors", action="store_true",
+                   help="(--cache) train on RMS-standardised anchors; the scale is folded into the saved weights")
+    p.add_argument("--max-rows", type=int, default=768,
+                   help="(--cache) longest conversation window trained on (its last rows)")
+    p.add_argument("--data", nargs="+", default=[], metavar="PATH",
                    help=".txt (plain text, used as passages of >= 80 words; with --self-distill they become "
                         "prompts) or .jsonl chats ({'messages': [...]} or {'turns': [...]})")
     p.add_argument("--self-distill", action="store_true",
@@ -832,12 +1107,21 @@ def run(args) -> int:
         self_distill=args.self_distill, answer_tokens=args.answer_tokens, max_examples=args.max_examples,
         seq_len=args.seq_len, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         val_fraction=args.val_fraction, checkpoint_every=args.checkpoint_every, resume=args.resume, seed=args.seed,
-        target_cache_gb=args.target_cache_gb)
+        target_cache_gb=args.target_cache_gb, cache=args.cache, fill_mix=args.fill_mix,
+        expected_acceptance=args.expected_acceptance, normalize_anchors=args.normalize_anchors,
+        max_rows=args.max_rows)
     options.check()  # before loading the model: a bad flag fails fast
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     report = train_pdm(engine, options)
     if args.json:
         print(json.dumps(report))
+        return 0
+    if options.cache:
+        val = report["val"] or {}
+        fills = " ".join(f"f{f}={a:.3f}" for f, a in val.get("acceptance_by_fill", {}).items())
+        print(f"trained {report['steps']} steps in {report['train_seconds']:.0f}s "
+              f"({report['train_tokens_per_s']:.0f} answer tokens/s): train top-1 {report['train_top1']:.3f}; "
+              f"held-out acceptance by fill: {fills}; PDM saved in {report['out']}")
         return 0
     val = report["val"]
     print(f"trained {report['steps']} steps in {report['train_seconds']:.0f}s: train loss {report['train_loss']:.3f}, "
