@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .jsonl import write_text_atomic
 from .pdm import auto_anchors
 from .spd import stage_anchor_layers
 from .stages import partition_layers
@@ -146,8 +147,7 @@ class StepTimes:
 
     def to_json(self, path: str | Path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=1))
+        write_text_atomic(path, json.dumps(asdict(self), indent=1))
         return path
 
 

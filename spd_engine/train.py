@@ -689,6 +689,17 @@ def read_trainer_state(checkpoint: Path) -> dict:
     return state
 
 
+def _restore_trainer(checkpoint: Path, state: dict, optimizer, scheduler, sampler, generator) -> None:
+    """Optimizer, schedule, data order and RNGs as the checkpoint left them; a damaged state is a UserError."""
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["data_order"])
+        _restore_rng(generator, state["rng"])
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+        raise _damaged(checkpoint, exc) from exc
+
+
 def save_checkpoint(out_dir: Path, step: int, pdm: PDM, state: dict) -> Path:
     """Write the PDM (PDM.save) and the trainer state into a temporary directory, rename it into place, then
     atomically repoint ``latest`` at it: an interruption at any moment leaves the previous checkpoint current
@@ -834,13 +845,7 @@ def train_pdm(engine, options: TrainOptions, progress: bool = True) -> dict:
         step, seconds, running = 0, 0.0, {"loss": None, "top1": None}
         initial_val = distiller.validate(val_targets, options.batch_size, data.val_answers)
     else:
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            sampler.load_state_dict(state["data_order"])
-            _restore_rng(generator, state["rng"])
-        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
-            raise _damaged(checkpoint, exc) from exc
+        _restore_trainer(checkpoint, state, optimizer, scheduler, sampler, generator)
         step, seconds, running = state["step"], state["train_seconds"], state["running"]
         initial_val = state["initial_val"]
 
@@ -981,7 +986,7 @@ def _train_from_cache(engine, options: TrainOptions, bounds, checkpoint: Path | 
         _set_trainable(pdm, pdm.state_dict())
     else:
         pdm = PDM.load(checkpoint, target, bounds)
-        _set_trainable(pdm, {**load_file(str(checkpoint / WEIGHTS_FILE)), "agg_weight": state["agg_normed"]})
+        _set_trainable(pdm, {**read_safetensors(checkpoint / WEIGHTS_FILE), "agg_weight": state["agg_normed"]})
     distiller = CacheDistiller(target, pdm, inv_scale)
     probabilities = fill_probabilities(pdm.config.stages, options.fill_mix, options.expected_acceptance)
     per_position = options.tower_layers == 1
@@ -995,10 +1000,7 @@ def _train_from_cache(engine, options: TrainOptions, bounds, checkpoint: Path | 
         step, seconds, rows_seen, running = 0, 0.0, 0, {"loss": None, "top1": None}
         initial_val = distiller.validate_fills(cache, val_ids, options.batch_size, options.max_rows)
     else:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["data_order"])
-        _restore_rng(generator, state["rng"])
+        _restore_trainer(checkpoint, state, optimizer, scheduler, sampler, generator)
         step, seconds, running = state["step"], state["train_seconds"], state["running"]
         rows_seen, initial_val = state["rows_seen"], state["initial_val"]
     history = list(state["history"]) if state is not None else []

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import gguf
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -62,6 +62,10 @@ def originals(tmp_path_factory) -> Path:
     # Relative paths (run from the workspace) keep the run's identity the same in every copy, so --resume accepts it.
     with working_directory(root):
         code, _, err = run_main(TRAIN)
+    assert code == 0, err
+    # A build-data feature cache (two shards) for the train-pdm --cache cases.
+    code, _, err = run_main(["build-data", "--model", root / "model", "--out", root / "cache-data", "--prompts", 4,
+                             "--shard-size", 2, "--answer-tokens", 8, "--batch", 4, "--feature-layers", "0,2,4"])
     assert code == 0, err
     shutil.copytree(root / "trained", root / "pdm", ignore=shutil.ignore_patterns("checkpoints", "*.json*"))
     shutil.copy(root / "trained" / "pdm_config.json", root / "pdm")
@@ -114,6 +118,8 @@ COMMANDS: dict[str, Callable[[Path], list]] = {
                           w / "trained" / "answers.json"],
     "train": lambda w: TRAIN,
     "resume": lambda w: TRAIN + ["--resume"],
+    "cache": lambda w: ["train-pdm", "--model", "model", "--stages", "2", "--cache", "cache-data", "--out", "trained",
+                        "--steps", "1", "--batch-size", "2", "--draft-vocab", "64", "--anchors", "0,2,4"],
     "simulate-times": lambda w: ["simulate", "--acceptance", 0.5, "--times", w / "times.json", "--stages", "2"],
     "simulate-trace": lambda w: ["simulate", "--trace", w / "report.json", "--times", w / "times.json"],
 }
@@ -448,6 +454,27 @@ def build_cases() -> list[Case]:
              in_checkpoint("pdm.safetensors", lambda rel: overwrite(rel, 0, b"\xff" * 64)), "corrupt or truncated"),
         Case("checkpoint-config-not-json", "resume", in_checkpoint("pdm_config.json", lambda rel: write(rel, "{")),
              "not valid JSON"),
+    ]
+
+    # build-data feature caches, read by train-pdm --cache (the earlier run's outputs must survive).
+    manifest, text, features = "cache-data/manifest.json", "cache-data/shard-00000.jsonl.gz", \
+        "cache-data/shard-00000.features.npy"
+    cases += [Case(f"cache-features-cut-{offset}", "cache", cut(features, offset)) for offset in [0] + cut_points(rng, 6)]
+    cases += [Case(f"cache-text-cut-{offset}", "cache", cut(text, offset)) for offset in [0] + cut_points(rng, 4)]
+    cases += [
+        Case("cache-features-garbage", "cache", overwrite(features, 0, b"\x00" * 64)),
+        Case("cache-features-wrong-shape", "cache", lambda w: np.save(w / features, np.zeros((3, 5, 64), np.uint16))),
+        Case("cache-features-missing", "cache", lambda w: (w / features).unlink()),
+        Case("cache-text-garbage", "cache", write(text, b"\x1f\x8b garbage")),
+        Case("cache-manifest-not-json", "cache", write(manifest, "{")),
+        Case("cache-manifest-missing", "cache", lambda w: (w / manifest).unlink()),
+        Case("cache-manifest-without-shards", "cache", edit_json(manifest, without("shards"))),
+        Case("cache-manifest-shard-without-file", "cache",
+             edit_json(manifest, lambda m: {**m, "shards": [without("file")(m["shards"][0])] + m["shards"][1:]})),
+        Case("cache-manifest-shards-of-numbers", "cache", edit_json(manifest, replaced("shards", [1, 2]))),
+        Case("cache-manifest-other-model", "cache",
+             edit_json(manifest, lambda m: {**m, "model": {**m["model"], "hidden_size": 32}})),
+        Case("cache-manifest-other-layers", "cache", edit_json(manifest, replaced("feature_layers", [0, 4]))),
     ]
 
     # simulate's inputs.
