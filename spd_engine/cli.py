@@ -213,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         one_line = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # the contract: one line
         print(f"spd-engine: error: {one_line}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as exc:  # the file system refused: a path that is a directory, no permission, a full disk
+        where = f": '{exc.filename}'" if exc.filename else ""
+        print(f"spd-engine: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("spd-engine: interrupted", file=sys.stderr)
         return 130

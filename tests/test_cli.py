@@ -184,3 +184,13 @@ def test_simulate_warns_on_a_busy_machine():
 def test_a_sample_prompt_set_ships_with_the_package():
     questions = load_questions("sample")
     assert len(questions) == 12 and all(q["prompt"] for q in questions)
+
+
+def test_an_output_path_the_file_system_refuses_is_one_line(tiny_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"turns": ["hi"]}\n')
+    (tmp_path / "taken").mkdir()
+    code, _, err = run_cli(capsys, "eval", "--model", tiny_dir, "--pdm", "untrained", "--stages", 2, "--data", prompts,
+                           "--max-new-tokens", 2, "--out", tmp_path / "taken")
+    assert code == 2 and err.splitlines()[-1].startswith("spd-engine: error: ") and "taken" in err.splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl", "taken"]  # no temporary file left behind
