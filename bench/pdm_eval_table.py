@@ -58,23 +58,61 @@ def lossless_column(real: list[dict], teacher_forced: dict) -> str:
     return f"{equal}/{len(prompts)} ({tokens} tok), traces {same_trace}/{len(prompts)}"
 
 
+def fill_split(report: dict) -> list[float]:
+    """Acceptance at each pipeline fill 1..n over every set, from the traces: a draft is made at fill
+    min(tokens since the last restart, n), and the first answer token restarts the pipeline."""
+    n = report["stages"]
+    hits, seen = [0] * n, [0] * n
+    for data in report["datasets"].values():
+        for prompt in data["per_prompt"]:
+            since = 1
+            for outcome in prompt["trace"]:
+                fill = min(since, n) - 1
+                seen[fill] += 1
+                hits[fill] += outcome == "A"
+                since = since + 1 if outcome == "A" else 1
+    return [h / s if s else float("nan") for h, s in zip(hits, seen)]
+
+
+def vocab_coverage(pdm_dir: str | None, answers_path: Path) -> float | None:
+    """Fraction of the target's committed answer tokens that the PDM's draft vocabulary holds (a token outside
+    it is a certain rejection)."""
+    from safetensors.torch import load_file
+
+    from spd_engine.spd import default_pdm_dir
+
+    if not answers_path.is_file():
+        return None
+    weights = Path(pdm_dir or default_pdm_dir("default")) / "pdm.safetensors"
+    vocab = set(load_file(str(weights))["draft_vocab"].tolist())
+    cached = json.loads(answers_path.read_text())
+    tokens = [t for answers in cached["answers"].values() for answer in answers for t in answer[1:]]
+    return sum(t in vocab for t in tokens) / max(len(tokens), 1)
+
+
 def table(reports: dict[tuple[str, float], dict], trained: dict[str, dict], real: dict[str, list[dict]]) -> str:
     """One row per (PDM, T); ``trained`` maps PDM names to their train-pdm reports (steps, val top-1), ``real``
     to their real-pipeline T=0 reports (the lossless check teacher-forced evaluation cannot make)."""
     lines = ["| PDM | n (stage layers) | L_s | anchors | steps | val top-1 | T | "
              + " | ".join(f"{s} acc / eq. len" for s in SETS)
-             + " | mean acc | mean eq. accept len | real pipeline T=0: lossless, trace = teacher-forced |",
-             "|---|---|---|---|---|---|---|" + "---|" * (len(SETS) + 3)]
+             + " | mean acc | mean eq. accept len | acc by fill 1..n | vocab coverage "
+             "| real pipeline T=0: lossless, trace = teacher-forced |",
+             "|---|---|---|---|---|---|---|" + "---|" * (len(SETS) + 5)]
     for (name, temperature), r in reports.items():
         d = r["datasets"]
         acc = [d[s]["acceptance_rate"] for s in SETS]
         eal = [d[s]["equivalent_accept_length"] for s in SETS]
         train = trained.get(name)
-        steps, top1 = (str(train["steps"]), f"{train['val']['top1']:.3f}") if train else ("-", "-")
+        steps, top1 = "-", "-"
+        if train:  # a cache-trained PDM reports held-out acceptance per fill instead of top-1
+            val = train["val"]
+            steps, top1 = str(train["steps"]), f"{val.get('top1', val.get('acceptance_full_pipeline')):.3f}"
+        coverage = f"{r['vocab_coverage']:.3f}" if r.get("vocab_coverage") is not None else "-"
         lines.append(f"| {name} | {r['stages']} ({'/'.join(map(str, r['stage_layers']))}) | {r['tower_layers']} | "
                      f"{','.join(map(str, r['anchors']))} | {steps} | {top1} | {temperature:g} | " +
                      " | ".join(f"{a:.3f} / {e:.2f}" for a, e in zip(acc, eal)) +
                      f" | {sum(acc) / len(acc):.3f} | **{sum(eal) / len(eal):.2f}** | "
+                     f"{' / '.join(f'{a:.2f}' for a in fill_split(r))} | {coverage} | "
                      f"{lossless_column(real.get(name, []), r) if temperature == 0 else 'n/a'} |")
     return "\n".join(lines)
 
@@ -128,6 +166,7 @@ def main() -> int:
                     temperature=temperature, seed=args.seed, limit=args.limit,
                     answers_cache=work / f"answers_t{temperature:g}.json")
                 for name, report in zip(pdms, runs):
+                    report["vocab_coverage"] = vocab_coverage(pdms[name], work / f"answers_t{temperature:g}.json")
                     write_text_atomic(out_dir / f"pdm_tf_{name}_t{temperature:g}.json", json.dumps(report, indent=1))
                     reports[(name, temperature)] = report
     except UserError as exc:

@@ -98,6 +98,7 @@ class TrainOptions:
     expected_acceptance: float = 0.6  # p of the "regime" mixture
     normalize_anchors: bool = False  # train on RMS-standardised anchors, folded into the weights at save time
     max_rows: int = 768  # a cached conversation longer than this trains on its last max_rows rows
+    bf16: bool = False  # (--cache) bfloat16 autocast for the PDM's matmuls; float32 master weights
 
     def check(self) -> None:
         if bool(self.data) == bool(self.cache):
@@ -988,6 +989,8 @@ def _train_from_cache(engine, options: TrainOptions, bounds, checkpoint: Path | 
         pdm = PDM.load(checkpoint, target, bounds)
         _set_trainable(pdm, {**read_safetensors(checkpoint / WEIGHTS_FILE), "agg_weight": state["agg_normed"]})
     distiller = CacheDistiller(target, pdm, inv_scale)
+    if options.bf16:
+        distiller.autocast = lambda: torch.autocast(target.device.type, dtype=torch.bfloat16)
     probabilities = fill_probabilities(pdm.config.stages, options.fill_mix, options.expected_acceptance)
     per_position = options.tower_layers == 1
 
@@ -1075,6 +1078,9 @@ def add_arguments(p) -> None:
                    help="(--cache) train on RMS-standardised anchors; the scale is folded into the saved weights")
     p.add_argument("--max-rows", type=int, default=768,
                    help="(--cache) longest conversation window trained on (its last rows)")
+    p.add_argument("--bf16", action="store_true",
+                   help="(--cache) bfloat16 autocast for the PDM (float32 master weights): ~1.4x faster on CPUs "
+                        "with AVX512-BF16")
     p.add_argument("--data", nargs="+", default=[], metavar="PATH",
                    help=".txt (plain text, used as passages of >= 80 words; with --self-distill they become "
                         "prompts) or .jsonl chats ({'messages': [...]} or {'turns': [...]})")
@@ -1111,7 +1117,7 @@ def run(args) -> int:
         val_fraction=args.val_fraction, checkpoint_every=args.checkpoint_every, resume=args.resume, seed=args.seed,
         target_cache_gb=args.target_cache_gb, cache=args.cache, fill_mix=args.fill_mix,
         expected_acceptance=args.expected_acceptance, normalize_anchors=args.normalize_anchors,
-        max_rows=args.max_rows)
+        max_rows=args.max_rows, bf16=args.bf16)
     options.check()  # before loading the model: a bad flag fails fast
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     report = train_pdm(engine, options)
