@@ -225,7 +225,7 @@ def read_weights(path: Path, config: PDMConfig, target: ModelConfig) -> dict[str
         if sd[name].is_floating_point() == (name == "draft_vocab"):
             raise UserError(f"'{path}': tensor '{name}' must hold {'integers' if name == 'draft_vocab' else 'floats'}")
     vocab = sd["draft_vocab"]
-    if (vocab.min() < 0 or vocab.max() >= target.vocab_size):
+    if vocab.min() < 0 or vocab.max() >= target.vocab_size:
         raise UserError(f"'{path}': draft_vocab holds ids outside the target's vocabulary [0, {target.vocab_size})")
     return sd
 
