@@ -120,7 +120,8 @@ def cmd_generate(args) -> int:
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "prompt_ids": out.prompt_ids,
                           "stats": out.stats}))
         return 0
-    print(flush=True)  # the streamed text ends with a newline
+    if not out.text.endswith("\n"):
+        print(flush=True)  # the streamed text ends with a newline
     if args.mode == "vanilla" or not args.compare:
         print(_run_line(out.stats), file=sys.stderr)
         return 0
@@ -138,6 +139,8 @@ def _run_line(stats: dict) -> str:
 def spd_vs_vanilla(spd, vanilla, temperature: float) -> str:
     """The main job's summary: both runs side by side, what the acceptance is worth, and what the wall clock of
     this eager single-process run does and does not say."""
+    from .evaluate import EAGER_WALL_CLOCK, accept_length_meaning
+
     s, v = spd.stats, vanilla.stats
     n = s["stages"]
     if temperature == 0:
@@ -155,10 +158,8 @@ def spd_vs_vanilla(spd, vanilla, temperature: float) -> str:
     return "\n".join(table + [
         f"same tokens as vanilla: {same}",
         f"acceptance: {s['acceptance_rate']:.3f} ({s['accepted_drafts']} of {verified} drafts accepted)",
-        f"equivalent accept length: {s['equivalent_accept_length']:.2f}, the speedup over vanilla that {n} devices "
-        f"(one stage each) or the graphed GPU path would give at this acceptance, before draft and link costs",
-        f"note: this eager run executes the {n} stages one after another in one process, so its wall clock checks "
-        "correctness, not speed; SPD is fast only when the stages run at the same time"])
+        f"equivalent accept length: {s['equivalent_accept_length']:.2f}, {accept_length_meaning(n)}",
+        f"note: {EAGER_WALL_CLOCK}"])
 
 
 def cmd_convert(args) -> int:

@@ -219,6 +219,17 @@ def evaluate_teacher_forced_many(engine, datasets: list[str], pdms: list, *, sta
     return reports
 
 
+def accept_length_meaning(stages: int) -> str:
+    """What the equivalent accept length is worth, in the words every summary uses."""
+    return (f"the speedup over vanilla that {stages} devices (one stage each) or the graphed GPU path would give at "
+            "this acceptance, before draft and link costs")
+
+
+# Why the eager run's own wall clock says nothing about SPD's speed.
+EAGER_WALL_CLOCK = ("this eager single-process run executes the stages one after another, so its wall clock checks "
+                    "correctness, not speed; SPD is fast only when the stages run at the same time")
+
+
 def format_table(report: dict) -> str:
     timed = report.get("method", "spd") == "spd"
     header = ("dataset", "prompts", "lossless", "acceptance", "eq. accept len") + \
@@ -237,11 +248,9 @@ def format_table(report: dict) -> str:
                f"L_s={report['tower_layers']}, draft vocab {report['draft_vocab']}, T={report['temperature']}, "
                f"max {report['max_new_tokens']} new tokens, {report['device']}" +
                ("" if timed else "; teacher-forced: no pipeline ran, so no speeds and no lossless check"))
-    notes = [f"eq. accept len: n x new tokens / cycles, the speedup over vanilla that n={report['stages']} devices "
-             "or the graphed GPU path would give at this acceptance (before draft and link costs)"]
+    notes = [f"eq. accept len: n x new tokens / cycles, {accept_length_meaning(report['stages'])}"]
     if timed:
-        notes.append("wall ratio: spd tok/s / vanilla tok/s of this eager single-process run, which executes the "
-                     "stages one after another; it checks correctness, not SPD's speed")
+        notes.append(f"wall ratio: spd tok/s / vanilla tok/s; {EAGER_WALL_CLOCK}")
     return "\n".join([caption, *lines, *notes])
 
 
