@@ -490,10 +490,10 @@ def add_arguments(p) -> None:
     source.add_argument("--acceptance", type=float, metavar="P", help="synthetic i.i.d. per-draft acceptance")
     p.add_argument("--verifications", type=int, default=100_000, help="length of the synthetic trace")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic trace")
-    p.add_argument("--stages", default="2-8", help="stage counts to predict: 2-8, 2,4,8 or 4 (default 2-8)")
+    p.add_argument("--stages", default="2-8", help="stage counts to predict: 2-8, 2,4,8 or 4")
     p.add_argument("--layout", choices=LAYOUTS, default="dedicated",
                    help="dedicated: n+1 devices (one only controls); hosted: n (stage 1 on the controller)")
-    p.add_argument("--link", default="nvlink", help=f"link preset: {', '.join(LINK_PRESETS)} (default nvlink)")
+    p.add_argument("--link", default="nvlink", help=f"link preset: {', '.join(LINK_PRESETS)}")
     p.add_argument("--link-latency-us", type=float, default=None, help="override the preset's latency")
     p.add_argument("--link-bandwidth-gbs", type=float, default=None, help="override the preset's bandwidth")
     p.add_argument("--times", metavar="JSON", default=None,
