@@ -67,9 +67,9 @@ def originals(tmp_path_factory) -> Path:
     code, _, err = run_main(["build-data", "--model", root / "model", "--out", root / "cache-data", "--prompts", 4,
                              "--shard-size", 2, "--answer-tokens", 8, "--batch", 4, "--feature-layers", "0,2,4"])
     assert code == 0, err
-    shutil.copytree(root / "trained", root / "pdm", ignore=shutil.ignore_patterns("checkpoints", "*.json*"))
-    shutil.copy(root / "trained" / "pdm_config.json", root / "pdm")
-    (root / "trained" / "answers.json").write_text("{}")
+    (root / "pdm").mkdir()
+    for name in ("pdm.safetensors", "pdm_config.json"):
+        shutil.copy(root / "trained" / name, root / "pdm")
     return root
 
 
@@ -144,7 +144,7 @@ def cut(relative: str, offset: int | float):
 
 
 def cut_points(rng: random.Random, count: int = TRUNCATIONS) -> list[float]:
-    """Seeded random fractions of a file's length, each a distinct cut point."""
+    """Seeded random fractions of a file's length: where to cut it."""
     return sorted(round(rng.uniform(0.001, 0.999), 4) for _ in range(count))
 
 
@@ -487,9 +487,8 @@ def build_cases() -> list[Case]:
 
 
 def answer_cache(w: Path) -> str:
-    """A well-formed answers cache for the "answers" command, built once by running it."""
+    """A well-formed answers cache for the "answers" command, made by running it."""
     path = w / "trained" / "answers.json"
-    path.unlink()
     code, _, err = run_main(COMMANDS["answers"](w))
     assert code == 0, err
     return path.read_text()
