@@ -50,6 +50,9 @@ class Output(GenerationResult):
 
 class Engine:
     def __init__(self, model: Model, tokenizer: Tokenizer, model_dir: Path, model_spec: str = ""):
+        if tokenizer.max_token_id >= model.config.vocab_size:  # its ids would index past the embedding table
+            raise UserError(f"the tokenizer in '{model_dir}' has token ids up to {tokenizer.max_token_id}, but the "
+                            f"model embeds only {model.config.vocab_size}: tokenizer.json is not this model's")
         self.model = model
         self.tokenizer = tokenizer
         self.model_dir = model_dir

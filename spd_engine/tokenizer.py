@@ -52,6 +52,10 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
+    @property
+    def max_token_id(self) -> int:
+        return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
+
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Special-token strings in ``text`` become their ids; BOS only if the tokenizer settings ask."""
         ids = self._tok.encode(text, add_special_tokens=False).ids
