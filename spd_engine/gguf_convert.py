@@ -116,7 +116,8 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     state_dict = _convert_tensors(reader, gguf_path, config, dtype, progress)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    _remove_abandoned_staging(out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{os.getpid()}-", dir=out_dir.parent))
     try:
         save_file(state_dict, str(staging / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save(str(staging / "tokenizer.json"))
@@ -468,6 +469,26 @@ def _publish(staging: Path, out_dir: Path) -> None:
             raise UserError(f"output directory '{out_dir}' was filled while converting; remove it or choose another") \
                 from None
         raise
+
+
+def _remove_abandoned_staging(out_dir: Path) -> None:
+    """Delete the staging directories (``.OUT.partial-PID-*``) that conversions into ``out_dir`` left when they
+    were killed: their process is gone. A live one (another conversion racing this one) is left alone."""
+    prefix = f".{out_dir.name}.partial-"
+    for staging in out_dir.parent.glob(f"{prefix}*"):
+        pid = staging.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def _is_complete(model_dir: Path) -> bool:

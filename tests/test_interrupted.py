@@ -136,3 +136,4 @@ def test_convert_gguf_killed_then_rerun_equals_an_uninterrupted_run(tmp_path):
             continue
         finish(spd_engine("convert-gguf", gguf_file, out, cwd=tmp_path))
         assert files(out) == straight
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}.partial-")]  # the rerun cleaned up
