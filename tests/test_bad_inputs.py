@@ -31,10 +31,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import spd_engine
 from spd_engine.cli import main
 from test_gguf_convert import hf_weights, write_gguf
-from tiny_models import make_tiny_model
+from tiny_models import SUBPROCESS_ENV, make_tiny_model, write_tiny_chats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,12 +51,7 @@ def originals(tmp_path_factory) -> Path:
     (root / "eval.jsonl").write_text("".join(json.dumps({"question_id": i, "turns": [f"say {w}"]}) + "\n"
                                              for i, w in enumerate(["hi", "yes", "no"])))
     (root / "report.json").write_text('{"an earlier report": true}\n')
-    rng = random.Random(SEED)
-    words = "the cat dog sat on a mat big red blue ran fast slow and then".split()
-    (root / "train.jsonl").write_text("".join(
-        json.dumps({"messages": [{"role": "user", "content": " ".join(rng.choices(words, k=8))},
-                                 {"role": "assistant", "content": " ".join(rng.choices(words, k=24))}]}) + "\n"
-        for _ in range(24)))
+    write_tiny_chats(root / "train.jsonl", seed=SEED)
     # A finished training run with its last checkpoint: the PDM cases use its PDM, the resume cases its checkpoint.
     # Relative paths (run from the workspace) keep the run's identity the same in every copy, so --resume accepts it.
     with working_directory(root):
@@ -528,9 +522,6 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, originals, tmp_pa
 
 # The issue's own reports (a corrupt pdm.safetensors, a garbage .gguf as --model and to convert-gguf) and a bad
 # flag, as real processes: the entry point itself must print one line and exit 2.
-# Run from another directory, the process must still import the code under test, not an installed copy.
-SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-    [str(Path(spd_engine.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
 SUBPROCESS_CASES = ["pdm-weights-header-size-huge", "gguf-model-bad-magic", "convert-bad-magic",
                     "config-hidden_size-null"]
 

@@ -8,8 +8,6 @@ delay of a few milliseconds; one conversion is killed anywhere in its run.
 """
 from __future__ import annotations
 
-import json
-import os
 import random
 import signal
 import subprocess
@@ -19,24 +17,20 @@ from pathlib import Path
 
 import pytest
 
-import spd_engine
 from spd_engine.gguf_convert import MODEL_FILES
 from spd_engine.pdm import CONFIG_FILE, WEIGHTS_FILE
 from test_gguf_convert import hf_weights, write_gguf
-from tiny_models import make_tiny_model
+from tiny_models import SUBPROCESS_ENV, make_tiny_model, write_tiny_chats
 
 pytestmark = pytest.mark.slow
 
 SEED = 19
 KILLS = 3
 STEPS = 12
-# Run from other directories, the processes must still import the code under test, not an installed copy.
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-    [str(Path(spd_engine.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
 
 
 def spd_engine(*args, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "spd_engine", *map(str, args)], cwd=cwd, env=ENV,
+    return subprocess.Popen([sys.executable, "-m", "spd_engine", *map(str, args)], cwd=cwd, env=SUBPROCESS_ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -69,11 +63,7 @@ def files(directory: Path) -> dict[str, bytes]:
 def training_inputs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train")
     make_tiny_model(root / "model", "llama", layers=4)
-    rng = random.Random(SEED)
-    words = "the cat dog sat on a mat big red blue ran fast slow and then".split()
-    (root / "train.jsonl").write_text("".join(
-        json.dumps({"turns": [" ".join(rng.choices(words, k=8)), " ".join(rng.choices(words, k=24))]}) + "\n"
-        for _ in range(32)))
+    write_tiny_chats(root / "train.jsonl", count=32, seed=SEED)
     return root
 
 
