@@ -194,3 +194,12 @@ def test_an_output_path_the_file_system_refuses_is_one_line(tiny_dir, tmp_path, 
                            "--max-new-tokens", 2, "--out", tmp_path / "taken")
     assert code == 2 and err.splitlines()[-1].startswith("spd-engine: error: ") and "taken" in err.splitlines()[-1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl", "taken"]  # no temporary file left behind
+
+
+def test_eval_on_the_sample_set_explains_its_columns(tiny_dir, capsys):
+    code, out, _ = run_cli(capsys, "eval", "--model", tiny_dir, "--pdm", "untrained", "--stages", 2, "--data", "sample",
+                           "--limit", 1, "--max-new-tokens", 2)
+    lines = out.splitlines()
+    assert code == 0 and lines[2].split()[:3] == ["sample", "1", "1/1"]  # dataset, prompts, lossless
+    assert lines[-2].startswith("eq. accept len: n x new tokens / cycles, the speedup over vanilla that 2 devices")
+    assert lines[-1].startswith("wall ratio: spd tok/s / vanilla tok/s;") and "checks correctness, not speed" in out
