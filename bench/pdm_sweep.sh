@@ -58,19 +58,8 @@ one() {  # n L_s [steps]: train, the real-pipeline check, then the teacher-force
     --max-new-tokens 256 --out-dir bench/results --work bench/results/answers
 }
 
-ship() {  # n L_s: copy that PDM into the package as the default, weights in bf16 (the loader casts back)
-  local src="$WORK/pdm_n$1_ls$2" dst=spd_engine/pdms/smollm2-135m-instruct
-  mkdir -p "$dst"
-  python - "$src" "$dst" <<'PY'
-import shutil, sys, torch
-from safetensors.torch import load_file, save_file
-src, dst = sys.argv[1:]
-sd = load_file(f"{src}/pdm.safetensors")
-sd = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
-save_file(sd, f"{dst}/pdm.safetensors")
-shutil.copy(f"{src}/pdm_config.json", f"{dst}/pdm_config.json")
-PY
-  ls -l "$dst"
+ship() {  # n L_s: that PDM becomes the package's default (bench/pdm_v4.sh ship does the copy)
+  bench/pdm_v4.sh ship "$WORK/pdm_n$1_ls$2"
 }
 
 case ${1:-all} in

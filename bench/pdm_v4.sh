@@ -6,6 +6,7 @@
 #   bench/pdm_v4.sh ablate CACHE        # one change at a time at a fixed budget: fill mix x anchor normalisation
 #   bench/pdm_v4.sh train N CACHE STEPS [extra train-pdm flags]   # the full recipe for n = N stages
 #   bench/pdm_v4.sh eval NAME=DIR ...   # teacher-forced table rows (T=0 and T=1) + the real-pipeline check
+#   bench/pdm_v4.sh ship DIR            # make that PDM the package's default (weights in bf16)
 #
 # Data: `data` is deterministic for a given seed, batch and thread count (continuous batching changes the
 # matmul shapes, and with them the rounding of near-tied greedy choices). The token shards (*.jsonl.gz) and the
@@ -62,10 +63,26 @@ eval_() {
   done
 }
 
+ship() {  # DIR: copy a trained PDM into the package as the default, weights in bf16 (the loader casts back)
+  local dst=spd_engine/pdms/smollm2-135m-instruct
+  mkdir -p "$dst"
+  python - "$1" "$dst" <<'PY'
+import shutil, sys, torch
+from safetensors.torch import load_file, save_file
+src, dst = sys.argv[1:]
+sd = load_file(f"{src}/pdm.safetensors")
+sd = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+save_file(sd, f"{dst}/pdm.safetensors")
+shutil.copy(f"{src}/pdm_config.json", f"{dst}/pdm_config.json")
+PY
+  ls -l "$dst"
+}
+
 case ${1:-} in
   data) shift; data "$@" ;;
   ablate) shift; ablate "$@" ;;
   train) shift; train "$@" ;;
   eval) shift; eval_ "$@" ;;
-  *) sed -n '2,17p' "$0"; exit 2 ;;
+  ship) shift; ship "$@" ;;
+  *) sed -n '2,18p' "$0"; exit 2 ;;
 esac

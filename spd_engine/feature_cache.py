@@ -136,15 +136,20 @@ class FeatureCache:
             scored[b, :n] = torch.arange(start + 1, end + 1) >= seq.answer_start
         return FeatureBatch(anchors, last, next_tokens, scored)
 
-    def channel_rms(self, sample_rows: int = 20000) -> torch.Tensor:
-        """(m, H) root-mean-square of every anchor channel over the first ``sample_rows`` cached rows: the fixed
-        standardisation of normalised anchors (deterministic for a given cache)."""
-        total, count = torch.zeros(len(self.anchor_columns), self.hidden, dtype=torch.float64), 0
+    def channel_rms(self, sample_rows: int = 20000, columns: list[int] | None = None) -> torch.Tensor:
+        """(m, H) root-mean-square of every anchor channel (or of ``columns``) over the first ``sample_rows``
+        cached rows: the fixed standardisation of normalised anchors (deterministic for a given cache)."""
+        columns = self.anchor_columns if columns is None else columns
+        total, count = torch.zeros(len(columns), self.hidden, dtype=torch.float64), 0
         for index in sorted(self.features):
             block = self.features[index][: sample_rows - count]
             block = torch.from_numpy(np.array(block).view(np.int16)).view(torch.bfloat16)
-            total += block[:, self.anchor_columns].double().pow(2).sum(0)
+            total += block[:, columns].double().pow(2).sum(0)
             count += block.shape[0]
             if count >= sample_rows:
                 break
         return (total / max(count, 1)).sqrt().clamp(min=1e-6).float()
+
+    def deepest_rms(self, sample_rows: int = 20000) -> float:
+        """Overall RMS of the last layer's output (all channels), over the same rows."""
+        return float(self.channel_rms(sample_rows, [self.teacher_column]).pow(2).mean().sqrt())

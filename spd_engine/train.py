@@ -978,7 +978,12 @@ def _train_from_cache(engine, options: TrainOptions, bounds, checkpoint: Path | 
     if state is not None and state["data_fingerprint"] != fingerprint:
         raise UserError(f"cannot resume from '{checkpoint}': the feature cache changed since it was written")
     total_steps = options.steps or math.ceil(options.epochs * len(train_ids) / options.batch_size)
-    inv_scale = (1.0 / cache.channel_rms()).to(target.device) if options.normalize_anchors else None
+    inv_scale = None
+    if options.normalize_anchors:
+        # Every anchor channel to one RMS: that of the last layer's output overall, the residual scale the tower
+        # (a copy of the target's last layers) was made for, so its N(0, 0.02) aggregation starts in range.
+        rms = cache.channel_rms()
+        inv_scale = (cache.deepest_rms() / rms).to(target.device)
 
     if state is None:
         vocab = choose_draft_vocab(answer_tokens, torch.empty(0, dtype=torch.long), target.config.vocab_size,
