@@ -12,20 +12,43 @@ from .stages import stage_layers_arg
 EXIT_USER_ERROR = 2
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with the project's error format: a bad flag is one ``spd-engine: error: ...`` line (exit 2),
-    like every other user mistake, instead of a usage block."""
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless there is none worth showing (None, or False for a switch)."""
 
-    def error(self, message: str):
-        raise UserError(message)
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """The parser of every (sub)command: ``--help`` shows defaults, and a bad flag is a UserError (one line,
+    exit 2), like every other user mistake."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        # The formatter only prints a default inside help text, so an option without any gets a bare one.
+        default = kwargs.get("default")
+        if kwargs.get("help") is None and default is not None and default is not False:
+            kwargs["help"] = "(default: %(default)s)"
+        return super().add_argument(*args, **kwargs)
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")  # main() prints it as the usual one line
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a HF directory or a .gguf file")
+    p.add_argument("--model", default="default",
+                   help="'default' (SmolLM2-135M-Instruct), a HF directory, a .gguf file, or a Hub id such as "
+                        "HuggingFaceTB/SmolLM2-135M-Instruct already in the local Hugging Face cache")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--backend", choices=["auto", "torch", "triton", "cuda"], default="auto")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own choice)")
 
 
 def _add_spd_args(p: argparse.ArgumentParser) -> None:
@@ -39,7 +62,7 @@ def _add_spd_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="spd-engine", description="Speculative Pipeline Decoding engine")
+    parser = _Parser(prog="spd-engine", description="Speculative Pipeline Decoding engine")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text (vanilla or SPD)")
@@ -54,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    gen.add_argument("--no-compare", dest="compare", action="store_false",
+                     help="--mode spd without --json also runs vanilla decoding and prints both side by side; "
+                          "this skips that run")
     gen.add_argument("--distributed", action="store_true", help="run under torchrun, one rank per stage")
     importlib.import_module("spd_engine.runtime.distributed").add_arguments(gen)
     gen.set_defaults(func=cmd_generate)
@@ -89,22 +115,54 @@ def cmd_generate(args) -> int:
         return run_distributed_generate(args)
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     stream = None if args.json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
-    out = engine.generate(args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens, mode=args.mode,
-                          stages=args.stages, stage_layers=args.stage_layers, pdm=args.pdm,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          stream=stream, graph=args.graph)
+    settings = dict(chat=args.chat, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, graph=args.graph)
+    out = engine.generate(args.prompt, mode=args.mode, stages=args.stages, stage_layers=args.stage_layers,
+                          pdm=args.pdm, stream=stream, **settings)
     if args.json:
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "prompt_ids": out.prompt_ids,
                           "stats": out.stats}))
+        return 0
+    if not out.text.endswith("\n"):
+        print(flush=True)  # the streamed text ends with a newline
+    if args.mode == "vanilla" or not args.compare:
+        print(_run_line(out.stats), file=sys.stderr)
+        return 0
+    print("spd-engine: running vanilla decoding on the same prompt to compare (--no-compare skips this)",
+          file=sys.stderr, flush=True)
+    vanilla = engine.generate(args.prompt, **settings)
+    print(spd_vs_vanilla(out, vanilla, args.temperature), file=sys.stderr)
+    return 1 if args.temperature == 0 and vanilla.token_ids != out.token_ids else 0
+
+
+def _run_line(stats: dict) -> str:
+    return f"[{stats['mode']}] {stats['new_tokens']} tokens in {stats['seconds']:.2f}s ({stats['tokens_per_s']:.1f} tok/s)"
+
+
+def spd_vs_vanilla(spd, vanilla, temperature: float) -> str:
+    """The main job's summary: both runs side by side, what the acceptance is worth, and what the wall clock of
+    this eager single-process run does and does not say."""
+    from .evaluate import EAGER_WALL_CLOCK, accept_length_meaning
+
+    s, v = spd.stats, vanilla.stats
+    n = s["stages"]
+    if temperature == 0:
+        same = "yes (greedy SPD is lossless)" if spd.token_ids == vanilla.token_ids else \
+            "NO (greedy SPD must equal vanilla decoding: a bug, please report it)"
     else:
-        stats = out.stats
-        summary = f"[{stats['mode']}] {stats['new_tokens']} tokens in {stats['seconds']:.2f}s " \
-                  f"({stats['tokens_per_s']:.1f} tok/s)"
-        if stats["mode"] == "spd":
-            summary += (f" | stages {stats['stages']} | acceptance {stats['acceptance_rate']:.3f} | "
-                        f"equivalent accept length {stats['equivalent_accept_length']:.2f}")
-        print("\n" + summary, file=sys.stderr)
-    return 0
+        same = f"not compared at T={temperature:g}: sampling SPD has vanilla's distribution, not its draws"
+    rows = [("", "vanilla", f"SPD, n={n}"),
+            ("new tokens", str(v["new_tokens"]), str(s["new_tokens"])),
+            ("wall clock", f"{v['seconds']:.2f} s", f"{s['seconds']:.2f} s"),
+            ("tokens/s", f"{v['tokens_per_s']:.1f}", f"{s['tokens_per_s']:.1f}")]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    table = [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows]
+    verified = s["accepted_drafts"] + s["rejected_drafts"]
+    return "\n".join(table + [
+        f"same tokens as vanilla: {same}",
+        f"acceptance: {s['acceptance_rate']:.3f} ({s['accepted_drafts']} of {verified} drafts accepted)",
+        f"equivalent accept length: {s['equivalent_accept_length']:.2f}, {accept_length_meaning(n)}",
+        f"note: {EAGER_WALL_CLOCK}"])
 
 
 def cmd_convert(args) -> int:
@@ -114,10 +172,7 @@ def cmd_convert(args) -> int:
 
     from .gguf_convert import convert_gguf
 
-    src = Path(args.file)
-    if not src.is_file():
-        raise UserError(f"GGUF file '{args.file}' does not exist")
-    out = convert_gguf(src, Path(args.outdir), dtype=getattr(torch, args.dtype))
+    out = convert_gguf(Path(args.file), Path(args.outdir), dtype=getattr(torch, args.dtype))
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
@@ -151,9 +206,20 @@ def cmd_info(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "threads", None) is not None:
+            if args.threads < 1:
+                raise UserError(f"--threads must be >= 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         return args.func(args)
     except UserError as exc:
-        print(f"spd-engine: error: {exc}", file=sys.stderr)
+        one_line = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # the contract: one line
+        print(f"spd-engine: error: {one_line}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:  # the file system refused: a path that is a directory, no permission, a full disk
+        where = f": '{exc.filename}'" if exc.filename else ""
+        print(f"spd-engine: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("spd-engine: interrupted", file=sys.stderr)

@@ -12,6 +12,7 @@ from .errors import UserError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass(frozen=True)
@@ -58,19 +59,30 @@ class ModelConfig:
             if kind not in ("llama3", "default", None):
                 raise UserError(f"unsupported rope scaling '{kind}'; supported: llama3")
             scaling = None if kind in ("default", None) else dict(scaling, rope_type=kind)
-        heads = int(raw["num_attention_heads"])
-        hidden = int(raw["hidden_size"])
+            if scaling is not None:
+                for key in LLAMA3_ROPE_KEYS:
+                    float(scaling[key])  # present and numeric, or the error names the field
+        sizes = {key: int(raw[key]) for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                  "num_attention_heads", "vocab_size")}
+        sizes["num_key_value_heads"] = int(raw.get("num_key_value_heads") or sizes["num_attention_heads"])
+        for key, value in sizes.items():
+            if value < 1:
+                raise UserError(f"'{key}' must be >= 1, got {value}")
+        heads, hidden = sizes["num_attention_heads"], sizes["hidden_size"]
+        if heads % sizes["num_key_value_heads"]:
+            raise UserError(f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
+                            f"({sizes['num_key_value_heads']})")
         eos = raw.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        eos_ids = tuple(int(e) for e in eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         return cls(
             model_type=model_type,
             hidden_size=hidden,
-            intermediate_size=int(raw["intermediate_size"]),
-            num_layers=int(raw["num_hidden_layers"]),
+            intermediate_size=sizes["intermediate_size"],
+            num_layers=sizes["num_hidden_layers"],
             num_heads=heads,
-            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+            num_kv_heads=sizes["num_key_value_heads"],
             head_dim=int(raw.get("head_dim") or hidden // heads),
-            vocab_size=int(raw["vocab_size"]),
+            vocab_size=sizes["vocab_size"],
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
@@ -89,13 +101,19 @@ class ModelConfig:
         if not config_file.is_file():
             raise UserError(f"no config.json in '{path}'")
         try:
-            raw = json.loads(config_file.read_text())
-        except json.JSONDecodeError as exc:
+            raw = json.loads(config_file.read_text(encoding="utf-8"))
+        except ValueError as exc:  # bad JSON or bad UTF-8
             raise UserError(f"config.json in '{path}' is not valid JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise UserError(f"config.json in '{path}' must hold a JSON object")
         try:
             return cls.from_dict(raw, name=Path(path).name)
         except KeyError as exc:
             raise UserError(f"config.json in '{path}' lacks the field {exc}") from exc
+        except UserError as exc:
+            raise UserError(f"config.json in '{path}': {exc}") from exc
+        except (TypeError, ValueError, AttributeError) as exc:  # a field of the wrong type: int("x"), int(None)
+            raise UserError(f"config.json in '{path}' has a field of the wrong type: {exc}") from exc
 
     def inverse_frequencies(self) -> torch.Tensor:
         """Rotary inverse frequencies (D/2,) in float32, with Llama 3 frequency scaling when configured."""

@@ -50,6 +50,9 @@ class Output(GenerationResult):
 
 class Engine:
     def __init__(self, model: Model, tokenizer: Tokenizer, model_dir: Path, model_spec: str = ""):
+        if tokenizer.max_token_id >= model.config.vocab_size:  # its ids would index past the embedding table
+            raise UserError(f"the tokenizer in '{model_dir}' has token ids up to {tokenizer.max_token_id}, but the "
+                            f"model embeds only {model.config.vocab_size}: tokenizer.json is not this model's")
         self.model = model
         self.tokenizer = tokenizer
         self.model_dir = model_dir
@@ -100,6 +103,9 @@ class Engine:
         :mod:`spd_engine.runtime.graph`."""
         if mode not in MODES:
             raise UserError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")
+        if mode == "vanilla" and (pdm is not None or stages is not None or stage_layers):
+            raise UserError("--pdm, --stages and --stage-layers apply to --mode spd only; add --mode spd, or drop "
+                            "them for plain decoding")
         params = SamplingParams(temperature, top_k, top_p, seed)
         if prompt_ids is None:
             if prompt is None:
@@ -118,5 +124,6 @@ class Engine:
             draft = resolve_pdm(self, pdm, stages=stages, stage_layers=stage_layers)
             result = generate_spd(self.model, draft, prompt_ids, max_new_tokens, params, eos_ids, on_tokens,
                                   graph=graph)
+        # token_ids keep the end-of-turn token; the text is what a reader sees, without special tokens.
         return Output(result.prompt_ids, result.token_ids, result.stats, result.trace,
-                      text=self.tokenizer.decode(result.token_ids))
+                      text=self.tokenizer.decode(result.token_ids, skip_special_tokens=True))

@@ -25,18 +25,20 @@ from .spd import generate_spd, resolve_pdm
 from .teacher_forced import evaluate_teacher_forced, target_answers
 
 METHODS = ("spd", "teacher-forced")
+SAMPLE_PROMPTS = Path(__file__).parent / "prompts" / "sample.jsonl"  # `--data sample`: ships with the package
 WARMUP_TOKENS = 8  # one short untimed run per mode first, so one-time setup costs do not land on prompt 1
 
 
 def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
-    """``{"question_id", "turns": [first user turn, ...]}`` records; the first ``limit`` of them."""
-    path = Path(path)
+    """``{"question_id", "turns": [first user turn, ...]}`` records; the first ``limit`` of them. ``sample``
+    names the small prompt set shipped with the package (unless a file of that name exists)."""
+    path = SAMPLE_PROMPTS if str(path) == "sample" and not Path(path).exists() else Path(path)
     if not path.is_file():
         raise UserError(f"prompt file '{path}' does not exist")
     questions = []
     for number, record in read_jsonl(path):
         turns = record.get("turns") if isinstance(record, dict) else None
-        if not turns or not isinstance(turns[0], str):
+        if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
             raise UserError(f"{path}:{number}: expected an object with a non-empty 'turns' list of strings")
         questions.append({"question_id": record.get("question_id", number), "prompt": turns[0]})
         if limit is not None and len(questions) == limit:
@@ -189,8 +191,16 @@ def evaluate_teacher_forced_many(engine, datasets: list[str], pdms: list, *, sta
                "seed": seed, "max_new_tokens": max_new_tokens, "prompts": encoded}
         cache = Path(answers_cache)
         if cache.is_file():
-            stored = json.loads(cache.read_text())
-            answers = stored["answers"] if stored.get("key") == key else None
+            try:
+                stored = json.loads(cache.read_text(encoding="utf-8"))
+            except ValueError as exc:  # bad JSON or bad UTF-8
+                raise UserError(f"answers cache '{cache}' is not valid JSON ({exc}); delete it to regenerate") from exc
+            answers = stored.get("answers") if isinstance(stored, dict) and stored.get("key") == key else None
+            if answers is not None and not (isinstance(answers, dict) and all(
+                    isinstance(answers.get(name), list) and len(answers[name]) == len(prompts)
+                    and all(isinstance(a, list) and all(type(t) is int for t in a) for a in answers[name])
+                    for name, prompts in encoded.items())):
+                raise UserError(f"answers cache '{cache}' is damaged; delete it to regenerate")
         if answers is None:
             answers = target_answers(engine, encoded, max_new_tokens, params, params.generator(engine.model.device),
                                      progress)
@@ -207,6 +217,17 @@ def evaluate_teacher_forced_many(engine, datasets: list[str], pdms: list, *, sta
         report["seconds"] = seconds
         reports.append(report)
     return reports
+
+
+def accept_length_meaning(stages: int) -> str:
+    """What the equivalent accept length is worth, in the words every summary uses."""
+    return (f"the speedup over vanilla that {stages} devices (one stage each) or the graphed GPU path would give at "
+            "this acceptance, before draft and link costs")
+
+
+# Why the eager run's own wall clock says nothing about SPD's speed.
+EAGER_WALL_CLOCK = ("this eager single-process run executes the stages one after another, so its wall clock checks "
+                    "correctness, not speed; SPD is fast only when the stages run at the same time")
 
 
 def format_table(report: dict) -> str:
@@ -227,7 +248,10 @@ def format_table(report: dict) -> str:
                f"L_s={report['tower_layers']}, draft vocab {report['draft_vocab']}, T={report['temperature']}, "
                f"max {report['max_new_tokens']} new tokens, {report['device']}" +
                ("" if timed else "; teacher-forced: no pipeline ran, so no speeds and no lossless check"))
-    return "\n".join([caption, *lines])
+    notes = [f"eq. accept len: n x new tokens / cycles, {accept_length_meaning(report['stages'])}"]
+    if timed:
+        notes.append(f"wall ratio: spd tok/s / vanilla tok/s; {EAGER_WALL_CLOCK}")
+    return "\n".join([caption, *lines, *notes])
 
 
 def add_arguments(p) -> None:
@@ -236,7 +260,8 @@ def add_arguments(p) -> None:
     _add_model_args(p)
     _add_spd_args(p)
     p.add_argument("--data", nargs="+", required=True, metavar="JSONL",
-                   help="prompt sets in EAGLE question.jsonl format (first turn is used)")
+                   help="prompt sets in EAGLE question.jsonl format (first turn is used); 'sample' is a "
+                        "12-prompt set shipped with the package")
     p.add_argument("--limit", type=int, default=None, help="first N prompts of each set")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -262,10 +287,8 @@ def run(args) -> int:
                       answers_cache=args.answers_cache, graph=args.graph)
     print(format_table(report))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1))
-        print(f"wrote {out}", file=sys.stderr)
+        write_text_atomic(args.out, json.dumps(report, indent=1))
+        print(f"wrote {args.out}", file=sys.stderr)
     failed = [name for name, d in report["datasets"].items() if d["lossless"] is False]
     if failed:
         print(f"spd-engine: SPD output differs from vanilla at temperature 0 in: {', '.join(failed)}", file=sys.stderr)

@@ -75,6 +75,8 @@ class FeatureCache:
             self._open_shard(shard)
 
     def _open_shard(self, shard: dict) -> None:
+        if not isinstance(shard, dict) or not {"index", "file"} <= set(shard):
+            raise UserError(f"'{self.root / MANIFEST_FILE}' lists a malformed shard entry; rerun build-data")
         index = shard["index"]
         text_path, feature_path = self.root / shard["file"], self.root / str(shard.get("features"))
         if not shard.get("features") or not feature_path.is_file():
@@ -89,7 +91,7 @@ class FeatureCache:
                 from None
         try:
             features = np.load(feature_path, mmap_mode="r")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file
             raise UserError(f"features '{feature_path}' are truncated or corrupt ({exc}); delete the shard's "
                             "entry from the manifest (or the file) and rerun build-data") from None
         rows = sum(len(t) - 1 for t in tokens)

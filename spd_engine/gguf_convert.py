@@ -110,7 +110,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"output directory '{out_dir}' already exists and is not empty; remove it or choose another")
-    reader = _gguf().GGUFReader(gguf_path)
+    reader = open_gguf(gguf_path)
     meta = _Metadata(reader, gguf_path)
 
     architecture = meta.get("general.architecture")
@@ -120,13 +120,19 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
 
     # Everything that can reject the file runs before the slow tensor pass.
     tensors = {tensor.name: tensor for tensor in reader.tensors}
-    config = _model_config(meta, architecture, tensors, dtype)
-    tokenizer, tokenizer_config = _tokenizer(meta, config["max_position_embeddings"])
-    generation_config = _generation_config(meta)
+    try:
+        config = _model_config(meta, architecture, tensors, dtype)
+        tokenizer, tokenizer_config = _tokenizer(meta, config["max_position_embeddings"])
+        generation_config = _generation_config(meta)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - mistyped values, ids out of range, merges `tokenizers` rejects
+        raise UserError(f"'{gguf_path.name}' has malformed metadata ({type(exc).__name__}: {exc})") from exc
     state_dict = _convert_tensors(reader, gguf_path, config, dtype, progress)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    _remove_abandoned_staging(out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{os.getpid()}-", dir=out_dir.parent))
     try:
         save_file(state_dict, str(staging / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save(str(staging / "tokenizer.json"))
@@ -138,6 +144,17 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def open_gguf(path: Path) -> "gguf.GGUFReader":
+    """gguf's reader over ``path``. A file it cannot parse is a UserError: on malformed bytes (bad magic, a cut
+    header, impossible counts or offsets) that parser raises whatever its unpacking hits, hence the broad catch."""
+    if not path.is_file():
+        raise UserError(f"GGUF file '{path}' does not exist")
+    try:
+        return _gguf().GGUFReader(path)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        raise UserError(f"'{path}' is not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
 
 
 def default_gguf_path() -> Path:
@@ -167,7 +184,8 @@ def default_model_dir() -> Path:
     if _is_complete(model_dir):
         return model_dir
     gguf_path = default_gguf_path()
-    print(f"spd-engine: converting the default model {gguf_path.name} into {model_dir} (once)", file=sys.stderr)
+    print(f"spd-engine: first run: converting the default model {gguf_path.name} into {model_dir} (once; later "
+          "runs load it from there)", file=sys.stderr, flush=True)
     try:
         convert_gguf(gguf_path, model_dir)
     except UserError:
@@ -421,13 +439,20 @@ def _convert_tensors(reader: "gguf.GGUFReader", path: Path, config: dict, dtype:
                      progress: bool) -> dict[str, torch.Tensor]:
     row_heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     state_dict = {}
-    for tensor in tqdm(reader.tensors, desc=f"converting {path.name}", unit="tensor", disable=not progress):
+    for tensor in tqdm(reader.tensors, desc=f"spd-engine: dequantising {path.name}", unit="tensor",
+                       disable=None if progress else True, file=sys.stderr):  # None: only on a terminal
         if tensor.name == _ROPE_FREQS_TENSOR:
             continue
         hf_name = _hf_tensor_name(tensor.name, path)
         # GGUF lists dimensions fastest-first, the reverse of numpy/torch.
         shape = tuple(int(dim) for dim in reversed(tensor.shape))
-        weight = _gguf().quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+        try:
+            weight = _gguf().quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+        except NotImplementedError as exc:
+            raise UserError(f"'{path.name}' stores tensor {tensor.name!r} as {tensor.tensor_type.name}, which cannot "
+                            f"be dequantised: {exc}") from exc
+        except ValueError as exc:  # the file ends before the tensor's data does
+            raise UserError(f"'{path.name}' is truncated or corrupt: tensor {tensor.name!r} ({exc})") from exc
         projection = hf_name.rsplit(".", 2)[-2]
         if projection in row_heads:
             weight = _unpermute_rows(weight, row_heads[projection])
@@ -460,6 +485,26 @@ def _publish(staging: Path, out_dir: Path) -> None:
             raise UserError(f"output directory '{out_dir}' was filled while converting; remove it or choose another") \
                 from None
         raise
+
+
+def _remove_abandoned_staging(out_dir: Path) -> None:
+    """Delete the staging directories (``.OUT.partial-PID-*``) that conversions into ``out_dir`` left when they
+    were killed: their process is gone. A live one (another conversion racing this one) is left alone."""
+    prefix = f".{out_dir.name}.partial-"
+    for staging in out_dir.parent.glob(f"{prefix}*"):
+        pid = staging.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def _is_complete(model_dir: Path) -> bool:

@@ -30,6 +30,13 @@ class AnchorCapture:
     out: torch.Tensor
 
 
+def check_shape(name: str, tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``tensor`` if it has ``shape``; otherwise a UserError naming it (a checkpoint for another config)."""
+    if tuple(tensor.shape) != tuple(shape):
+        raise UserError(f"tensor '{name}' has shape {list(tensor.shape)}, the config needs {list(shape)}")
+    return tensor
+
+
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # (H,)
@@ -44,25 +51,37 @@ class LayerWeights:
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str, cfg: ModelConfig) -> "LayerWeights":
-        def take(name):
+        H, F, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+        rows = {"q": cfg.q_size, "k": cfg.kv_size, "v": cfg.kv_size}
+
+        def take(name, *shape):
             key = prefix + name
             if key not in sd:
                 raise UserError(f"checkpoint lacks tensor '{key}'")
-            return sd.pop(key)
+            return check_shape(key, sd.pop(key), shape)
 
         attn, mlp = "self_attn.", "mlp."
-        bias = (torch.cat([take(attn + f"{p}_proj.bias") for p in "qkv"]) if cfg.attention_bias else None)
+        bias = (torch.cat([take(attn + f"{p}_proj.bias", rows[p]) for p in "qkv"]) if cfg.attention_bias else None)
         return cls(
-            input_norm=take("input_layernorm.weight"),
-            qkv=torch.cat([take(attn + f"{p}_proj.weight") for p in "qkv"]),
+            input_norm=take("input_layernorm.weight", H),
+            qkv=torch.cat([take(attn + f"{p}_proj.weight", rows[p], H) for p in "qkv"]),
             qkv_bias=bias,
-            q_norm=take(attn + "q_norm.weight") if cfg.qk_norm else None,
-            k_norm=take(attn + "k_norm.weight") if cfg.qk_norm else None,
-            o_proj=take(attn + "o_proj.weight"),
-            post_norm=take("post_attention_layernorm.weight"),
-            gate_up=torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]),
-            down=take(mlp + "down_proj.weight"),
+            q_norm=take(attn + "q_norm.weight", D) if cfg.qk_norm else None,
+            k_norm=take(attn + "k_norm.weight", D) if cfg.qk_norm else None,
+            o_proj=take(attn + "o_proj.weight", H, cfg.q_size),
+            post_norm=take("post_attention_layernorm.weight", H),
+            gate_up=torch.cat([take(mlp + "gate_proj.weight", F, H), take(mlp + "up_proj.weight", F, H)]),
+            down=take(mlp + "down_proj.weight", H, F),
         )
+
+    @staticmethod
+    def shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...] | None]:
+        """Each field's shape for ``cfg`` (None: the family has no such tensor)."""
+        H, F, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+        qkv_rows = cfg.q_size + 2 * cfg.kv_size
+        return {"input_norm": (H,), "qkv": (qkv_rows, H), "qkv_bias": (qkv_rows,) if cfg.attention_bias else None,
+                "q_norm": (D,) if cfg.qk_norm else None, "k_norm": (D,) if cfg.qk_norm else None,
+                "o_proj": (H, cfg.q_size), "post_norm": (H,), "gate_up": (2 * F, H), "down": (H, F)}
 
     def to(self, device) -> "LayerWeights":
         return LayerWeights(**{k: None if v is None else v.to(device) for k, v in vars(self).items()})
@@ -117,13 +136,17 @@ class Model:
             return cls(cfg, None, held, None, None, backend=backend)
         if "model.embed_tokens.weight" not in sd:
             raise UserError("checkpoint lacks 'model.embed_tokens.weight'")
-        embed = sd.pop("model.embed_tokens.weight")
+        table = (cfg.vocab_size, cfg.hidden_size)
+        embed = check_shape("model.embed_tokens.weight", sd.pop("model.embed_tokens.weight"), table)
         head = sd.pop("lm_head.weight", None)
         if head is None and not cfg.tie_word_embeddings:
             raise UserError("checkpoint lacks 'lm_head.weight' and the config does not tie embeddings")
+        if head is not None and not cfg.tie_word_embeddings:
+            check_shape("lm_head.weight", head, table)
         norm = sd.pop("model.norm.weight", None)
         if norm is None:
             raise UserError("checkpoint lacks 'model.norm.weight'")
+        check_shape("model.norm.weight", norm, (cfg.hidden_size,))
         embed = embed.to(device)
         head = embed if cfg.tie_word_embeddings else head.to(device)  # tied: a stored head copy is ignored, as in HF
         return cls(cfg, embed, held, norm.to(device), head, backend=backend)

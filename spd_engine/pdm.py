@@ -20,13 +20,14 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import ops
 from .config import ModelConfig
 from .errors import UserError
-from .model import LayerWeights, Model
+from .model import LayerWeights, Model, check_shape
 from .ops.reference import rotate_half_at
+from .weights import read_safetensors
 
 CONFIG_FILE = "pdm_config.json"
 WEIGHTS_FILE = "pdm.safetensors"
@@ -132,15 +133,17 @@ class PDM:
 
     @classmethod
     def load(cls, path: str | Path, target: Model, stage_bounds: list[tuple[int, int]] | None = None) -> "PDM":
+        """A saved PDM; a missing, corrupt or mismatched checkpoint is a UserError naming what is wrong."""
         path = Path(path)
         if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
             raise UserError(f"'{path}' is not a PDM checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-        config = PDMConfig(**json.loads((path / CONFIG_FILE).read_text()))
+        config = read_config(path / CONFIG_FILE)
         check_compatible(config, target.config, stage_bounds)
-        sd = {k: v.to(target.device) for k, v in load_file(str(path / WEIGHTS_FILE)).items()}
-        fields = list(vars(target.layers[0]).keys())
-        tower = [LayerWeights(**{f: (sd[f"tower.{i}.{f}"].to(target.dtype) if f"tower.{i}.{f}" in sd else None)
-                                 for f in fields}) for i in range(config.tower_layers)]
+        sd = read_weights(path / WEIGHTS_FILE, config, target.config)
+        sd = {k: v.to(target.device) for k, v in sd.items()}
+        fields = LayerWeights.shapes(target.config)
+        tower = [LayerWeights(**{f: None if shape is None else sd[f"tower.{i}.{f}"].to(target.dtype)
+                                 for f, shape in fields.items()}) for i in range(config.tower_layers)]
         return cls(config, target, sd["agg_weight"].to(target.dtype), tower, sd["draft_head"].to(target.dtype),
                    sd["draft_vocab"].long())
 
@@ -176,6 +179,55 @@ class PDM:
             hidden, residual = self.tower.decoder_layer(layer, hidden, residual, partial(attend, queries=keep),
                                                         keep=keep)
         return hidden + residual
+
+
+def read_config(path: Path) -> PDMConfig:
+    """``pdm_config.json``, with every field present and of the right type (else a UserError)."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # bad JSON or bad UTF-8
+        raise UserError(f"'{path}' is not valid JSON: {exc}") from exc
+    fields = PDMConfig.__dataclass_fields__
+    if not isinstance(raw, dict) or set(raw) != set(fields):
+        raise UserError(f"'{path}' must be an object with exactly the fields {', '.join(fields)}")
+
+    def ints(value) -> bool:
+        return isinstance(value, list) and all(type(v) is int for v in value)
+
+    well_typed = (isinstance(raw["target"], dict) and ints(raw["anchors"]) and raw["anchors"]
+                  and isinstance(raw["stage_bounds"], list) and raw["stage_bounds"]
+                  and all(ints(b) and len(b) == 2 for b in raw["stage_bounds"])
+                  and type(raw["tower_layers"]) is int and raw["tower_layers"] >= 1
+                  and type(raw["draft_vocab_size"]) is int and raw["draft_vocab_size"] >= 1)
+    if not well_typed:
+        raise UserError(f"'{path}' has a field of the wrong type (target: object, stage_bounds: [[start, end], ...], "
+                        "anchors: [int, ...], tower_layers and draft_vocab_size: positive ints)")
+    bounds = raw["stage_bounds"]
+    if bounds[0][0] != 0 or any(a >= b for a, b in bounds) or any(x[1] != y[0] for x, y in zip(bounds, bounds[1:])):
+        raise UserError(f"'{path}': stage_bounds {bounds} are not contiguous layer ranges from 0")
+    anchors = raw["anchors"]
+    if anchors[0] != 0 or any(a >= b for a, b in zip(anchors, anchors[1:])) or anchors[-1] > bounds[-1][1]:
+        raise UserError(f"'{path}': anchors {anchors} must rise from 0 to at most {bounds[-1][1]} layers")
+    return PDMConfig(**raw)
+
+
+def read_weights(path: Path, config: PDMConfig, target: ModelConfig) -> dict[str, torch.Tensor]:
+    """``pdm.safetensors``, with every tensor ``config`` and the target need, in the right shape and kind."""
+    sd = read_safetensors(path)
+    H, m, K = target.hidden_size, len(config.anchors), config.draft_vocab_size
+    shapes = {"agg_weight": (H, H * m * (m + 1) // 2), "draft_head": (K, H), "draft_vocab": (K,)}
+    for i in range(config.tower_layers):
+        shapes.update({f"tower.{i}.{f}": shape for f, shape in LayerWeights.shapes(target).items() if shape})
+    for name, shape in shapes.items():
+        if name not in sd:
+            raise UserError(f"'{path}' lacks tensor '{name}'")
+        check_shape(name, sd[name], shape)
+        if sd[name].is_floating_point() == (name == "draft_vocab"):
+            raise UserError(f"'{path}': tensor '{name}' must hold {'integers' if name == 'draft_vocab' else 'floats'}")
+    vocab = sd["draft_vocab"]
+    if vocab.min() < 0 or vocab.max() >= target.vocab_size:
+        raise UserError(f"'{path}': draft_vocab holds ids outside the target's vocabulary [0, {target.vocab_size})")
+    return sd
 
 
 def check_compatible(config: PDMConfig, target: ModelConfig, stage_bounds: list[tuple[int, int]] | None) -> None:

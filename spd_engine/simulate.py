@@ -30,6 +30,7 @@ two coincide and approach n / (1 + (n − 1)(1 − p)) for i.i.d. acceptance p.
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
 import sys
@@ -38,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .jsonl import write_text_atomic
 from .pdm import auto_anchors
 from .spd import stage_anchor_layers
 from .stages import partition_layers
@@ -145,9 +147,23 @@ class StepTimes:
 
     def to_json(self, path: str | Path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=1))
+        write_text_atomic(path, json.dumps(asdict(self), indent=1))
         return path
+
+
+def busy_machine_warning(load: float | None = None, cores: int | None = None) -> str | None:
+    """A warning when other work keeps the CPUs busy (1-minute load average above half the cores): step times
+    measured then come out inflated, and so would every prediction made from them."""
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (OSError, AttributeError):  # not available on this platform: nothing to warn about
+            return None
+    cores = cores or os.cpu_count() or 1
+    if load <= cores / 2:
+        return None
+    return (f"spd-engine: warning: this machine is busy (load average {load:.2f} on {cores} cores), so the step "
+            "times measured now will be too slow; measure on an idle machine, or pass --times from one")
 
 
 def measure_step_times(engine, stages: list[int], context: int = 256, repeats: int = 30, tower_layers: int = 1,
@@ -474,10 +490,10 @@ def add_arguments(p) -> None:
     source.add_argument("--acceptance", type=float, metavar="P", help="synthetic i.i.d. per-draft acceptance")
     p.add_argument("--verifications", type=int, default=100_000, help="length of the synthetic trace")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic trace")
-    p.add_argument("--stages", default="2-8", help="stage counts to predict: 2-8, 2,4,8 or 4 (default 2-8)")
+    p.add_argument("--stages", default="2-8", help="stage counts to predict: 2-8, 2,4,8 or 4")
     p.add_argument("--layout", choices=LAYOUTS, default="dedicated",
                    help="dedicated: n+1 devices (one only controls); hosted: n (stage 1 on the controller)")
-    p.add_argument("--link", default="nvlink", help=f"link preset: {', '.join(LINK_PRESETS)} (default nvlink)")
+    p.add_argument("--link", default="nvlink", help=f"link preset: {', '.join(LINK_PRESETS)}")
     p.add_argument("--link-latency-us", type=float, default=None, help="override the preset's latency")
     p.add_argument("--link-bandwidth-gbs", type=float, default=None, help="override the preset's bandwidth")
     p.add_argument("--times", metavar="JSON", default=None,
@@ -503,7 +519,10 @@ def run(args) -> int:
 
         if args.repeats < 1:
             raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+        busy = busy_machine_warning()  # before loading: the load average must not count this process's own work
         engine = Engine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+        if busy and engine.model.device.type == "cpu":
+            print(busy, file=sys.stderr)
         print(f"measuring step times of {args.model} on {engine.model.device} ...", file=sys.stderr)
         times = measure_step_times(engine, stages, context=args.context, repeats=args.repeats,
                                    tower_layers=args.tower_layers, draft_vocab=args.draft_vocab)

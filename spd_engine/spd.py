@@ -361,4 +361,10 @@ def resolve_pdm(engine, spec, stages: int | None = None, stage_layers: list[int]
             raise UserError("no draft module (PDM) is known for this model: train one with "
                             "`spd-engine train-pdm --model ... --stages N --out DIR` and pass --pdm DIR, "
                             "or use --pdm untrained")
+        try:
+            return PDM.load(spec, target, bounds)
+        except UserError as exc:  # the user never named this PDM: say which one, and the ways out
+            raise UserError(f"the draft module shipped for the default model does not fit this run ({exc}); "
+                            "to time another split, add --pdm untrained (an untrained draft: correct output, "
+                            "low acceptance)") from exc
     return PDM.load(spec, target, bounds)

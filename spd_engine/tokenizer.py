@@ -11,10 +11,12 @@ from tokenizers import Tokenizer as HFTokenizer
 from .errors import UserError
 
 
-def _token_text(value) -> str | None:
+def _token_text(value, key: str, config_path: Path) -> str | None:
     """tokenizer_config stores special tokens either as strings or as AddedToken dicts."""
     if isinstance(value, dict):
-        return value.get("content")
+        value = value.get("content")
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"'{config_path}': '{key}' must be a token string, got {value!r}")
     return value
 
 
@@ -24,14 +26,24 @@ class Tokenizer:
         path = model_dir / "tokenizer.json"
         if not path.is_file():
             raise UserError(f"no tokenizer.json in '{model_dir}'")
-        self._tok = HFTokenizer.from_file(str(path))
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - `tokenizers` reports every parse failure as a bare Exception
+            raise UserError(f"'{path}' is not a valid tokenizer.json: {exc}") from exc
         config_path = model_dir / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        except ValueError as exc:  # bad JSON or bad UTF-8
+            raise UserError(f"'{config_path}' is not valid JSON: {exc}") from exc
+        if not isinstance(config, dict):
+            raise UserError(f"'{config_path}' must hold a JSON object")
         template_file = model_dir / "chat_template.jinja"  # transformers >= 4.43 may store it apart
         self.chat_template = config.get("chat_template") or (
             template_file.read_text() if template_file.is_file() else None)
-        self.bos_token = _token_text(config.get("bos_token"))
-        self.eos_token = _token_text(config.get("eos_token"))
+        if self.chat_template is not None and not isinstance(self.chat_template, str):
+            raise UserError(f"'{config_path}': 'chat_template' must be a string")  # lists of named templates too
+        self.bos_token = _token_text(config.get("bos_token"), "bos_token", config_path)
+        self.eos_token = _token_text(config.get("eos_token"), "eos_token", config_path)
         self.add_bos_token = bool(config.get("add_bos_token", False))
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
@@ -39,6 +51,10 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
+
+    @property
+    def max_token_id(self) -> int:
+        return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Special-token strings in ``text`` become their ids; BOS only if the tokenizer settings ask."""
@@ -61,9 +77,12 @@ class Tokenizer:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=[jinja2.ext.loopcontrols])
         env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except jinja2.TemplateError as exc:
+            raise UserError(f"the model's chat template does not render: {exc}") from exc
 
     def encode_chat(self, user_text: str) -> list[int]:
         """One user turn under the model's chat template; the template itself decides about BOS."""
@@ -71,7 +90,8 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns a growing id list into text increments, holding back incomplete UTF-8 sequences."""
+    """Turns a growing id list into display text increments (special tokens such as <|im_end|> left out),
+    holding back incomplete UTF-8 sequences."""
 
     def __init__(self, tokenizer: Tokenizer):
         self._tokenizer = tokenizer
@@ -80,7 +100,7 @@ class StreamDecoder:
 
     def push(self, token_ids: list[int]) -> str:
         self._ids.extend(token_ids)
-        text = self._tokenizer.decode(self._ids)
+        text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return ""
         delta, self._emitted = text[self._emitted:], len(text)

@@ -39,7 +39,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from .decode import generate_batch
@@ -49,6 +48,7 @@ from .jsonl import read_jsonl
 from .model import AnchorCapture
 from .pdm import PDM, WEIGHTS_FILE
 from .stages import parse_stage_layers, partition_layers
+from .weights import read_safetensors
 
 REPORT_FILE = "train_report.json"
 ANSWERS_FILE = "self_distill_answers.jsonl"
@@ -671,6 +671,36 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
+def _damaged(checkpoint: Path, exc: Exception) -> UserError:
+    first_line = (str(exc).strip().splitlines() or [""])[0]  # torch.load's messages run to many lines
+    return UserError(f"checkpoint '{checkpoint}' is damaged ({type(exc).__name__}: {first_line}); delete "
+                     f"'{checkpoint.parent}' to start over")
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    """A checkpoint's trainer state; a damaged one is a UserError."""
+    try:
+        state = torch.load(checkpoint / TRAINER_STATE_FILE, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch.load raises pickle, EOF, zip and runtime errors on bad bytes
+        raise _damaged(checkpoint, exc) from exc
+    needed = {"step", "optimizer", "scheduler", "data_order", "rng", "identity", "data_fingerprint",
+              "train_seconds", "running", "initial_val"}
+    if not isinstance(state, dict) or not needed <= set(state) or not isinstance(state["identity"], dict):
+        raise _damaged(checkpoint, ValueError(f"{TRAINER_STATE_FILE} lacks fields"))
+    return state
+
+
+def _restore_trainer(checkpoint: Path, state: dict, optimizer, scheduler, sampler, generator) -> None:
+    """Optimizer, schedule, data order and RNGs as the checkpoint left them; a damaged state is a UserError."""
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["data_order"])
+        _restore_rng(generator, state["rng"])
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+        raise _damaged(checkpoint, exc) from exc
+
+
 def save_checkpoint(out_dir: Path, step: int, pdm: PDM, state: dict) -> Path:
     """Write the PDM (PDM.save) and the trainer state into a temporary directory, rename it into place, then
     atomically repoint ``latest`` at it: an interruption at any moment leaves the previous checkpoint current
@@ -782,7 +812,7 @@ def train_pdm(engine, options: TrainOptions, progress: bool = True) -> dict:
     if options.resume and checkpoint is None:
         print(f"spd-engine: no checkpoint in '{out_dir}', starting from scratch", file=sys.stderr)
     identity = _run_identity(options, engine)
-    state = torch.load(checkpoint / TRAINER_STATE_FILE, weights_only=True) if checkpoint else None
+    state = read_trainer_state(checkpoint) if checkpoint else None
     if state is not None:
         for key, value in identity.items():
             if state["identity"].get(key) != value:
@@ -803,7 +833,7 @@ def train_pdm(engine, options: TrainOptions, progress: bool = True) -> dict:
         _set_trainable(pdm, pdm.state_dict())
     else:
         pdm = PDM.load(checkpoint, target, bounds)
-        _set_trainable(pdm, load_file(str(checkpoint / WEIGHTS_FILE)))
+        _set_trainable(pdm, read_safetensors(checkpoint / WEIGHTS_FILE))
     distiller = Distiller(target, pdm)
     train_targets, val_targets = (TargetCache(target, pdm, sequences, options.target_cache_gb * 2**30)
                                   for sequences in (data.train, data.val))
@@ -816,10 +846,7 @@ def train_pdm(engine, options: TrainOptions, progress: bool = True) -> dict:
         step, seconds, running = 0, 0.0, {"loss": None, "top1": None}
         initial_val = distiller.validate(val_targets, options.batch_size, data.val_answers)
     else:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["data_order"])
-        _restore_rng(generator, state["rng"])
+        _restore_trainer(checkpoint, state, optimizer, scheduler, sampler, generator)
         step, seconds, running = state["step"], state["train_seconds"], state["running"]
         initial_val = state["initial_val"]
 
@@ -965,7 +992,7 @@ def _train_from_cache(engine, options: TrainOptions, bounds, checkpoint: Path | 
         _set_trainable(pdm, pdm.state_dict())
     else:
         pdm = PDM.load(checkpoint, target, bounds)
-        _set_trainable(pdm, {**load_file(str(checkpoint / WEIGHTS_FILE)), "agg_weight": state["agg_normed"]})
+        _set_trainable(pdm, {**read_safetensors(checkpoint / WEIGHTS_FILE), "agg_weight": state["agg_normed"]})
     distiller = CacheDistiller(target, pdm, inv_scale)
     if options.bf16:
         distiller.autocast = lambda: torch.autocast(target.device.type, dtype=torch.bfloat16)
@@ -981,10 +1008,7 @@ def _train_from_cache(engine, options: TrainOptions, bounds, checkpoint: Path | 
         step, seconds, rows_seen, running = 0, 0.0, 0, {"loss": None, "top1": None}
         initial_val = distiller.validate_fills(cache, val_ids, options.batch_size, options.max_rows)
     else:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["data_order"])
-        _restore_rng(generator, state["rng"])
+        _restore_trainer(checkpoint, state, optimizer, scheduler, sampler, generator)
         step, seconds, running = state["step"], state["train_seconds"], state["running"]
         rows_seen, initial_val = state["rows_seen"], state["initial_val"]
     history = list(state["history"]) if state is not None else []

@@ -28,6 +28,11 @@ def engine():
     return Engine.load("default", device="cpu", dtype="float32")
 
 
+def test_another_split_without_pdm_names_the_shipped_pdm_and_pdm_untrained(engine):
+    with pytest.raises(UserError, match="shipped for the default model.*--pdm untrained"):
+        resolve_pdm(engine, None, stages=4)
+
+
 def test_shipped_files_exist_and_fit_the_budget():
     assert (SHIPPED / CONFIG_FILE).is_file() and (SHIPPED / WEIGHTS_FILE).is_file()
     assert (SHIPPED / "MODEL_CARD.md").is_file()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -378,6 +379,17 @@ def test_interrupted_conversion_leaves_nothing(untied, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         convert_gguf(path, tmp_path / "hf", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_staging_left_by_a_killed_conversion_is_removed_but_a_live_one_is_kept(untied, tmp_path):
+    _, path, _ = untied
+    dead_pid = 2 ** 22 + 1  # above Linux's largest pid: no such process
+    dead, live = tmp_path / f".hf.partial-{dead_pid}-abc", tmp_path / f".hf.partial-{os.getpid()}-xyz"
+    for staging in (dead, live):
+        staging.mkdir()
+        (staging / "model.safetensors").write_bytes(b"half")
+    convert_gguf(path, tmp_path / "hf", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["hf", live.name])
 
 
 def test_refuses_to_overwrite_a_non_empty_directory(untied, tmp_path):

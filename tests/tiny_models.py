@@ -1,10 +1,15 @@
-"""Tiny random Hugging Face checkpoints of every supported family, written with transformers' own classes."""
+"""Tiny random Hugging Face checkpoints of every supported family, written with transformers' own classes, and
+tiny training data."""
 from __future__ import annotations
 
 import json
+import os
+import random
 from pathlib import Path
 
 import torch
+
+import spd_engine
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -73,3 +78,20 @@ def make_tiny_model(model_dir: Path, family: str = "llama", dtype: torch.dtype =
     model.to(dtype).save_pretrained(model_dir, safe_serialization=True, max_shard_size=max_shard_size)
     write_byte_tokenizer(Path(model_dir))
     return Path(model_dir)
+
+
+def write_tiny_chats(path: Path, count: int = 24, seed: int = 0) -> Path:
+    """``count`` short user/assistant chats over a 15-word vocabulary, in train-pdm's JSONL format."""
+    rng = random.Random(seed)
+    words = "the cat dog sat on a mat big red blue ran fast slow and then".split()
+    Path(path).write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": " ".join(rng.choices(words, k=8))},
+                                 {"role": "assistant", "content": " ".join(rng.choices(words, k=24))}]}) + "\n"
+        for _ in range(count)))
+    return Path(path)
+
+
+# For `python -m spd_engine` subprocesses started from another directory: they must import the code under test,
+# not an installed copy, and use one thread like the in-process tests.
+SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+    [str(Path(spd_engine.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
