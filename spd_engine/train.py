@@ -1,4 +1,4 @@
-"""Train a draft module (PDM) by distillation from the frozen target (DESIGN.md §1, "Training (distillation)").
+"""Train a draft module (PDM) by distillation from the frozen target (docs/ARCHITECTURE.md, "The draft module").
 
     spd-engine train-pdm --model default --stages 4 --data prompts.jsonl --self-distill --steps 300 --out DIR
 
@@ -544,7 +544,7 @@ class Distiller:
           is in the draft vocabulary (what the loss optimises);
         * ``simulated_acceptance``: the same agreement over *all* positions, out-of-vocabulary targets counted
           as misses: the predicted per-draft greedy acceptance rate p of a full pipeline on this text;
-        * ``simulated_accept_length``: n / (1 + (n-1)(1-p)), DESIGN.md's equivalent accept length for p.
+        * ``simulated_accept_length``: n / (1 + (n-1)(1-p)), the equivalent accept length for p (docs/ARCHITECTURE.md).
 
         ``answers`` (M, T) marks the positions holding self-distilled answer tokens; ``answers`` in the result
         repeats the agreement figures over those positions only. Their drafts are the ones SPD makes while it
