@@ -794,10 +794,11 @@ def _size_report(pdm: PDM, out_dir: Path) -> dict:
             "pdm_file_bytes": (out_dir / WEIGHTS_FILE).stat().st_size}
 
 
-def train_pdm(engine, options: TrainOptions, progress: bool = True, replicas: Replicas = SINGLE) -> dict:
+def train_pdm(engine, options: TrainOptions, progress: bool = True, replicas: Replicas = SINGLE) -> dict | None:
     """Train (or, with ``options.resume``, continue training) a PDM for ``engine``'s model; returns the report
     that is also written to ``<out>/train_report.json``. The final PDM is saved in ``<out>`` (``--pdm <out>``).
-    ``replicas``: this rank of a data-parallel run (``--cache`` only; rank 0 writes every file)."""
+    ``replicas``: this rank of a data-parallel run (``--cache`` only): rank 0 writes every file and returns the
+    report, the other ranks return None."""
     options.check()
     _parse_anchors(options.anchors)  # a malformed list fails before any work
     target = engine.model
@@ -969,7 +970,7 @@ class CacheDistiller(Distiller):
 
 
 def _train_from_cache(engine, options: TrainOptions, bounds, checkpoint: Path | None, state: dict | None,
-                      identity: dict, progress: bool, replicas: Replicas) -> dict:
+                      identity: dict, progress: bool, replicas: Replicas) -> dict | None:
     """``train-pdm --cache``: the PDM alone learns from cached anchors and teacher hidden states; no target
     forward runs per step. Loss on answer tokens only, fills drawn by ``--fill-mix``. With several ranks
     (:mod:`spd_engine.runtime.data_parallel`) each trains on its share of every batch; the run is the same."""
@@ -1069,9 +1070,10 @@ def _train_from_cache(engine, options: TrainOptions, bounds, checkpoint: Path | 
     bar.close()
     if state is None or step > state["step"]:
         checkpoint_now()
-    if replicas.writer:
-        with inference_weights(pdm, inv_scale):
-            pdm.save(out_dir)
+    if not replicas.writer:
+        return None
+    with inference_weights(pdm, inv_scale):
+        pdm.save(out_dir)
     report = {
         "model": engine.model_spec, "device": str(target.device), "dtype": str(target.dtype).replace("torch.", ""),
         "out": str(out_dir), "cache": str(options.cache), "stages": pdm.config.stages,
@@ -1087,8 +1089,7 @@ def _train_from_cache(engine, options: TrainOptions, bounds, checkpoint: Path | 
         "train_loss": running["loss"], "train_top1": running["top1"], "val_initial": initial_val,
         "val": history[-1]["val"] if history else None, "history": history,
     }
-    if replicas.writer:
-        write_text_atomic(out_dir / REPORT_FILE, json.dumps(report, indent=1))
+    write_text_atomic(out_dir / REPORT_FILE, json.dumps(report, indent=1))
     return report
 
 
