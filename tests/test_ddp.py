@@ -189,3 +189,30 @@ def test_ddp_killed_rank_ends_the_other_and_its_checkpoint_resumes_on_one_rank(t
     assert_weights_equal(weights(out), weights(tmp_path / "uninterrupted"))
     one_rank(engine, cache_dir, whole_batches, resume=True, **run)
     assert_weights_close(weights(whole_batches), weights(tmp_path / "uninterrupted"))
+
+
+# ------------------------------------------------------------------------------------------ data building
+def test_ddp_data_build_equals_one_process(tiny_dir, engine, tmp_path):
+    """4 shards over 2 ranks (each builds 2, dealt round-robin): the same files, byte for byte, and the same
+    manifest as one process; a rerun finds nothing left to do."""
+    single, shared = tmp_path / "single", tmp_path / "shared"
+    build_data(engine, single, progress=False, **DATA)
+    args = ["build-data", "--distributed", "--model", str(tiny_dir), "--out", str(shared), "--json",
+            "--feature-layers", ",".join(map(str, DATA["feature_layers"])),
+            *cli_flags({k: v for k, v in DATA.items() if k != "feature_layers"})]
+    torchrun(2, args)
+    assert sorted(p.name for p in single.iterdir()) == sorted(p.name for p in shared.iterdir())
+    for path in single.iterdir():
+        if path.name != MANIFEST_FILE:
+            assert path.read_bytes() == (shared / path.name).read_bytes(), path.name
+    strip = lambda m: {**m, "shards": [{k: v for k, v in s.items() if k != "seconds"} for s in m["shards"]]}  # noqa
+    manifest = json.loads((shared / MANIFEST_FILE).read_text())
+    assert strip(manifest) == strip(json.loads((single / MANIFEST_FILE).read_text()))
+    ids = []
+    for shard in manifest["shards"]:
+        with gzip.open(shared / shard["file"], "rt") as handle:
+            ids += [json.loads(line)["id"] for line in handle]
+    assert ids == sorted(ids) and len(ids) == DATA["prompts"]
+    before = {p.name: p.stat().st_mtime_ns for p in shared.iterdir() if p.name != MANIFEST_FILE}
+    torchrun(2, args)
+    assert before == {p.name: p.stat().st_mtime_ns for p in shared.iterdir() if p.name != MANIFEST_FILE}
