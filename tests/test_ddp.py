@@ -212,7 +212,7 @@ def test_ddp_data_build_equals_one_process(tiny_dir, engine, tmp_path):
     for shard in manifest["shards"]:
         with gzip.open(shared / shard["file"], "rt") as handle:
             ids += [json.loads(line)["id"] for line in handle]
-    assert ids == sorted(ids) and len(ids) == DATA["prompts"]
+    assert ids == [f"{DATA['seed']}-{i}" for i in range(DATA["prompts"])]  # every prompt once, in id order
     before = {p.name: p.stat().st_mtime_ns for p in shared.iterdir() if p.name != MANIFEST_FILE}
     torchrun(2, args)
     assert before == {p.name: p.stat().st_mtime_ns for p in shared.iterdir() if p.name != MANIFEST_FILE}
