@@ -960,9 +960,10 @@ class CacheDistiller(Distiller):
                 if f == n:
                     loss_sum += float(loss) * float(counted.sum())
         if replicas.world_size > 1:
-            tallies = replicas.sum_(torch.cat([hits.double(), torch.tensor([scored, in_vocab, loss_sum],
-                                    dtype=torch.float64)]).to(self.vocab_row.device), "summing validation tallies")
-            hits, scored, in_vocab, loss_sum = tallies[:n].float().cpu(), *map(int, tallies[n: n + 2]), float(tallies[-1])
+            local = torch.cat([hits.double(), torch.tensor([scored, in_vocab, loss_sum], dtype=torch.float64)])
+            tallies = replicas.sum_(local.to(self.vocab_row.device), "summing validation tallies").cpu()
+            hits, loss_sum = tallies[:n].float(), float(tallies[-1])
+            scored, in_vocab = map(int, tallies[n: n + 2])
         acceptance = (hits / max(scored, 1)).tolist()
         return {"acceptance_by_fill": {str(f): a for f, a in enumerate(acceptance, 1)},
                 "acceptance_full_pipeline": acceptance[-1], "loss_full_pipeline": loss_sum / max(in_vocab, 1),

@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from spd_engine.cli import main
 from spd_engine.distill_data import MANIFEST_FILE, build_data
 from spd_engine.engine import Engine
 from spd_engine.pdm import WEIGHTS_FILE
@@ -190,6 +191,20 @@ def test_ddp_killed_rank_ends_the_other_and_its_checkpoint_resumes_on_one_rank(t
     one_rank(engine, cache_dir, whole_batches, resume=True, **run)
     assert_weights_close(weights(whole_batches), weights(tmp_path / "uninterrupted"))
 
+
+# ------------------------------------------------------------------------------------------ mistakes
+def test_ddp_mistakes_are_one_line_errors_on_every_rank(tiny_dir, cache_dir, tmp_path, capsys):
+    assert main(train_args(tiny_dir, cache_dir, tmp_path / "a")) == 2  # not under torchrun
+    assert capsys.readouterr().err.startswith("spd-engine: error: --distributed runs under torchrun")
+    for args, message in ((train_args(tiny_dir, cache_dir, tmp_path / "b", batch_size=1), "the global batch"),
+                          (["train-pdm", "--distributed", "--model", str(tiny_dir), "--data", "chats.jsonl",
+                            "--stages", "2", "--out", str(tmp_path / "c")], "trains from a feature cache")):
+        ranks = start_ranks(2, args)
+        for rank in ranks:
+            stderr = rank.communicate(timeout=LAUNCH_LIMIT_S)[1]
+            lines = [line for line in stderr.splitlines() if line.strip()]
+            assert rank.returncode == 2 and len(lines) == 1, stderr
+            assert lines[0].startswith("spd-engine: error: ") and message in lines[0], stderr
 
 # ------------------------------------------------------------------------------------------ data building
 def test_ddp_data_build_equals_one_process(tiny_dir, engine, tmp_path):
