@@ -22,6 +22,9 @@ Pipeline of one run:
    pointer update; ``--resume`` continues from the latest one and ends bit-identical to an uninterrupted run.
 5. **Report.** Validation metrics (:meth:`Distiller.validate`), ``train_report.json`` and the final PDM,
    all in ``--out``.
+
+``--cache`` runs also train data-parallel under torchrun (``--distributed``; :mod:`spd_engine.runtime.data_parallel`):
+``--batch-size`` is then the global batch, each rank trains on its share, and rank 0 writes every file.
 """
 from __future__ import annotations
 
