@@ -72,13 +72,14 @@ def train_args(tiny_dir, cache_dir, out, **overrides) -> list[str]:
 
 def start_ranks(world_size, args, timeout_s=30):
     """One process per rank with the environment torchrun gives (its agent left out: it would kill the
-    survivors of a fault itself, hiding what is under test)."""
+    survivors of a fault itself, hiding what is under test). ``args``: a list, or a function of the rank."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = dict(os.environ, WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    return [subprocess.Popen([sys.executable, "-m", "spd_engine", *args, "--dist-timeout", str(timeout_s)],
+    args_of = args if callable(args) else lambda rank: args
+    return [subprocess.Popen([sys.executable, "-m", "spd_engine", *args_of(rank), "--dist-timeout", str(timeout_s)],
                              env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
             for rank in range(world_size)]
@@ -205,6 +206,21 @@ def test_ddp_mistakes_are_one_line_errors_on_every_rank(tiny_dir, cache_dir, tmp
             lines = [line for line in stderr.splitlines() if line.strip()]
             assert rank.returncode == 2 and len(lines) == 1, stderr
             assert lines[0].startswith("spd-engine: error: ") and message in lines[0], stderr
+
+
+def test_ddp_a_mistake_one_rank_sees_refuses_the_run_on_every_rank(tiny_dir, cache_dir, tmp_path):
+    """Only rank 1's cache path is missing (a machine without the shared file system): rank 1 says why, rank 0
+    that rank 1 refused; both exit 2 with one line, without waiting for the timeout."""
+    good = train_args(tiny_dir, cache_dir, tmp_path / "out")
+    bad = train_args(tiny_dir, tmp_path / "nowhere", tmp_path / "out")
+    ranks = start_ranks(2, lambda rank: bad if rank == 1 else good, timeout_s=LAUNCH_LIMIT_S)
+    messages = ["rank 1 refused the run: ", "has no manifest.json"]
+    for rank, message in zip(ranks, messages):
+        stderr = rank.communicate(timeout=LAUNCH_LIMIT_S / 2)[1]
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert rank.returncode == 2 and len(lines) == 1, stderr
+        assert lines[0].startswith("spd-engine: error: ") and message in lines[0], stderr
+
 
 # ------------------------------------------------------------------------------------------ data building
 def test_ddp_data_build_equals_one_process(tiny_dir, engine, tmp_path):

@@ -17,6 +17,9 @@ data-parallel work needs on top:
   rank 0 the manifest.
 
 :data:`SINGLE` is one process: the same code then runs with no communication at all.
+
+Setup (model, cache, checkpoint) is each rank's own; a mistake that only one rank sees (a path missing on one
+machine) is agreed on before the first collective, so every rank refuses with one line instead of waiting.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+from ..errors import UserError
 
 if TYPE_CHECKING:  # the runtime (engine, SPD) is imported only by a distributed launch
     from .distributed import Peer
@@ -38,10 +43,22 @@ class Replicas:
         self.peer = peer
         self.rank = peer.rank if peer else 0
         self.world_size = peer.world_size if peer else 1
+        self.agreed = peer is None  # whether every rank's setup succeeded (checked by the first collective)
+
+    def agree(self, error: str | None = None) -> None:
+        """Every rank's setup outcome; any rank's mistake raises UserError on all (``error``: this rank's)."""
+        from .distributed import agree
+
+        self.agreed = True
+        agree(self.peer, self.rank, {"error": error})
 
     @property
     def writer(self) -> bool:
         return self.rank == WRITER
+
+    def _meet(self) -> None:
+        if not self.agreed:
+            self.agree()
 
     def share(self, items: list) -> list:
         """This rank's contiguous slice of ``items``; the slices of all ranks, in rank order, are ``items``."""
@@ -55,6 +72,7 @@ class Replicas:
     def sum_(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
         """Sum ``tensor`` over the ranks, in place."""
         if self.peer is not None:
+            self._meet()
             with self.peer.waiting(what):
                 dist.all_reduce(tensor)
         return tensor
@@ -75,6 +93,7 @@ class Replicas:
         """Every rank's ``tensors`` become the writer's (replicas start from the same weights, as in DDP)."""
         if self.peer is None:
             return
+        self._meet()
         with self.peer.waiting(what), torch.no_grad():
             for tensor in tensors:
                 dist.broadcast(tensor.data, src=WRITER)
@@ -83,6 +102,7 @@ class Replicas:
         """Every rank's ``value`` (picklable), in rank order."""
         if self.peer is None:
             return [value]
+        self._meet()
         gathered: list = [None] * self.world_size
         with self.peer.waiting(what):
             dist.all_gather_object(gathered, value)
@@ -96,4 +116,14 @@ def run_data_parallel(args, example: str, body) -> int:
     """Join torchrun's process group and run ``body(replicas)`` on this rank (:func:`run_in_process_group`)."""
     from .distributed import run_in_process_group
 
-    return run_in_process_group(args, example, lambda peer: body(Replicas(peer)))
+    def on_rank(peer) -> int:
+        replicas = Replicas(peer)
+        try:
+            return body(replicas)
+        except UserError as exc:
+            if replicas.agreed:  # a mistake found mid-run: the others learn of it as a lost peer
+                raise
+            replicas.agree(str(exc))  # raises on every rank, this one included
+            raise
+
+    return run_in_process_group(args, example, on_rank)
