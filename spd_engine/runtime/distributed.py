@@ -386,8 +386,9 @@ def load_stage(args, plan: Plan, stage: int, device: torch.device) -> Model:
                                  backend=args.backend, layers=range(*plan.bounds[stage]), embeddings_and_head=False)
 
 
-def agree(links: Links, rank: int, mine: dict) -> list[dict]:
-    """Every rank's setup outcome ({"error": message or None, ...}); a single error refuses the run on all."""
+def agree(links: Links | Peer, rank: int, mine: dict) -> list[dict]:
+    """Every rank's setup outcome ({"error": message or None, ...}); a single error refuses the run on all.
+    ``links``: anything whose ``waiting`` bounds the wait (the pipeline's links, or a data-parallel peer)."""
     gathered: list = [None] * dist.get_world_size()
     with links.waiting("agreeing on the configuration"):
         dist.all_gather_object(gathered, mine)
