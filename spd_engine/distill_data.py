@@ -19,11 +19,17 @@ A shard is two things, each written under a temporary name and renamed into plac
 resumes at the first missing shard and ends identical to an uninterrupted one (same seed, batch and threads).
 ``--no-features`` writes only the token shards (what git keeps); the features are then rebuilt by running the
 same command again with features on. :mod:`spd_engine.feature_cache` reads and checks the result.
+
+Under torchrun (``--distributed``) the shards still to build are dealt to the ranks, one per rank per round;
+each rank writes its own shard files, and after every round rank 0 alone rewrites the manifest with all of
+them. A shard depends only on the seed, its index and the settings, so the result is byte for byte that of
+one process (with the same thread count per process), and resumes the same way.
 """
 from __future__ import annotations
 
 import errno
 import gzip
+import importlib
 import json
 import os
 import sys
@@ -41,6 +47,7 @@ from .kv_cache import KVCache
 from .model import AnchorCapture, Model
 from .pdm import target_identity
 from .prompt_gen import Prompt, make_prompt
+from .runtime.data_parallel import SINGLE, Replicas
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
@@ -220,12 +227,14 @@ def load_manifest(out_dir: Path) -> dict | None:
 
 def build_data(engine, out_dir: str | Path, prompts: int, shard_size: int, seed: int, answer_tokens: int,
                batch: int, feature_layers: list[int] | None, corpora: tuple[str, ...] = (),
-               progress: bool = True) -> dict:
-    """Build (or resume) the data set in ``out_dir``; returns the manifest."""
+               progress: bool = True, replicas: Replicas = SINGLE) -> dict:
+    """Build (or resume) the data set in ``out_dir``; returns the manifest. ``replicas``: this rank of a
+    distributed build, which answers its share of the shards (rank 0 writes the manifest)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in out_dir.glob(".*.tmp"):  # a write cut short by a kill: never listed, never read
-        leftover.unlink()
+    if replicas.writer:
+        for leftover in out_dir.glob(".*.tmp"):  # a write cut short by a kill: never listed, never read
+            leftover.unlink()
     cfg = engine.model.config
     settings = {"format": FORMAT_VERSION, "model": target_identity(cfg), "model_spec": engine.model_spec,
                 "dtype": str(engine.model.dtype).replace("torch.", ""), "seed": seed, "shard_size": shard_size,
@@ -245,47 +254,66 @@ def build_data(engine, out_dir: str | Path, prompts: int, shard_size: int, seed:
         manifest["feature_layers"] = feature_layers or manifest.get("feature_layers")
     done = {s["index"]: s for s in manifest["shards"]}
     shards = -(-prompts // shard_size)
-    total = sum(min(shard_size, prompts - i * shard_size) for i in range(shards) if i not in done)
-    bar = tqdm(total=total * answer_tokens, desc="build-data (answer-token budget)", unit="tok", disable=not progress,
-               file=sys.stderr, smoothing=0.05)
-    for index in range(shards):
-        text_path, feature_path = shard_paths(out_dir, index)
+
+    def complete(index: int) -> bool:
         entry = done.get(index)
         need_features = feature_layers is not None and not (entry and entry.get("features"))
-        if entry and text_path.is_file() and not need_features:
-            continue
-        started = time.perf_counter()
-        chunk = [make_prompt(seed, i, corpora) for i in range(index * shard_size, min(prompts, (index + 1) * shard_size))]
-        records, features = build_shard(engine, chunk, answer_tokens, batch, feature_layers, bar)
-        bar.update(len(chunk) * answer_tokens - sum(len(r["answer_ids"]) for r in records))
-        if entry and text_path.is_file():  # rebuilding features for committed text: it must come out the same
-            with gzip.open(text_path, "rt") as handle:
-                committed = [json.loads(line) for line in handle]
-            if committed != records:
-                raise UserError(f"shard {index} does not rebuild identically ({text_path}): a different machine, "
-                                "thread count or torch build changed the greedy answers")
+        return bool(entry) and shard_paths(out_dir, index)[0].is_file() and not need_features
 
-        def write_text(tmp: Path) -> None:
-            # No name and mtime 0 in the gzip header: the same bytes on every rebuild.
-            with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as handle:
-                handle.write("".join(json.dumps(r) + "\n" for r in records).encode())
-
-        _write_atomic(text_path, write_text)
-        if features is not None:
-            bits = features.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-            _write_atomic(feature_path, lambda tmp: np.save(open(tmp, "wb"), bits))
-        done[index] = {"index": index, "file": text_path.name, "sequences": len(records),
-                       "skipped_too_long": len(chunk) - len(records),
-                       "prompt_tokens": sum(len(r["prompt_ids"]) for r in records),
-                       "answer_tokens": sum(len(r["answer_ids"]) for r in records),
-                       "features": feature_path.name if features is not None else None,
-                       "feature_rows": int(features.shape[0]) if features is not None else None,
-                       "seconds": round(time.perf_counter() - started, 1)}
+    todo = [index for index in range(shards) if not complete(index)]
+    mine = replicas.deal(todo)
+    # Every rank has read the manifest, and rank 0 has removed leftovers, before any rank writes.
+    replicas.gather(None, "starting together")
+    total = sum(min(shard_size, prompts - i * shard_size) for i in mine)
+    bar = tqdm(total=total * answer_tokens, desc="build-data (answer-token budget)", unit="tok",
+               disable=not (progress and replicas.writer), file=sys.stderr, smoothing=0.05)
+    for round_ in range(-(-len(todo) // replicas.world_size)):
+        entry = _build_one(engine, out_dir, mine[round_], done.get(mine[round_]), prompts, shard_size, seed,
+                           answer_tokens, batch, feature_layers, corpora, bar) if round_ < len(mine) else None
+        for finished in replicas.gather(entry, "collecting finished shards"):
+            if finished is not None:
+                done[finished["index"]] = finished
         manifest["shards"] = [done[i] for i in sorted(done)]
         manifest["answer_tokens_total"] = sum(s["answer_tokens"] for s in manifest["shards"])
-        write_text_atomic(out_dir / MANIFEST_FILE, json.dumps(manifest, indent=1))
+        if replicas.writer:
+            write_text_atomic(out_dir / MANIFEST_FILE, json.dumps(manifest, indent=1))
     bar.close()
     return manifest
+
+
+def _build_one(engine, out_dir: Path, index: int, entry: dict | None, prompts: int, shard_size: int, seed: int,
+               answer_tokens: int, batch: int, feature_layers: list[int] | None, corpora: tuple[str, ...],
+               bar) -> dict:
+    """Answer shard ``index``, write its files atomically and return its manifest entry (``entry``: the one
+    already listed, whose committed text the rebuilt features must reproduce)."""
+    text_path, feature_path = shard_paths(out_dir, index)
+    started = time.perf_counter()
+    chunk = [make_prompt(seed, i, corpora) for i in range(index * shard_size, min(prompts, (index + 1) * shard_size))]
+    records, features = build_shard(engine, chunk, answer_tokens, batch, feature_layers, bar)
+    bar.update(len(chunk) * answer_tokens - sum(len(r["answer_ids"]) for r in records))
+    if entry and text_path.is_file():  # rebuilding features for committed text: it must come out the same
+        with gzip.open(text_path, "rt") as handle:
+            committed = [json.loads(line) for line in handle]
+        if committed != records:
+            raise UserError(f"shard {index} does not rebuild identically ({text_path}): a different machine, "
+                            "thread count or torch build changed the greedy answers")
+
+    def write_text(tmp: Path) -> None:
+        # No name and mtime 0 in the gzip header: the same bytes on every rebuild.
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as handle:
+            handle.write("".join(json.dumps(r) + "\n" for r in records).encode())
+
+    _write_atomic(text_path, write_text)
+    if features is not None:
+        bits = features.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        _write_atomic(feature_path, lambda tmp: np.save(open(tmp, "wb"), bits))
+    return {"index": index, "file": text_path.name, "sequences": len(records),
+            "skipped_too_long": len(chunk) - len(records),
+            "prompt_tokens": sum(len(r["prompt_ids"]) for r in records),
+            "answer_tokens": sum(len(r["answer_ids"]) for r in records),
+            "features": feature_path.name if features is not None else None,
+            "feature_rows": int(features.shape[0]) if features is not None else None,
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -305,21 +333,35 @@ def add_arguments(p) -> None:
     p.add_argument("--corpus", action="append", default=[], metavar="TXT",
                    help="plain-text file whose paragraphs become passage prompts (optional, repeatable)")
     p.add_argument("--json", action="store_true", help="print the manifest summary as one JSON object")
+    p.add_argument("--distributed", action="store_true",
+                   help="under torchrun: the ranks share the shards, rank 0 writes the manifest")
+    importlib.import_module("spd_engine.runtime.distributed").add_arguments(p)
 
 
 def run(args) -> int:
-    from .engine import Engine
-
     for name in ("prompts", "shard_size", "answer_tokens", "batch"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for corpus in args.corpus:
         if not Path(corpus).is_file():
             raise UserError(f"corpus '{corpus}' does not exist")
+    if args.distributed:
+        from .runtime.data_parallel import run_data_parallel
+
+        return run_data_parallel(args, "torchrun --standalone --nproc-per-node 8 -m spd_engine build-data "
+                                       "--distributed --out DIR ...", lambda replicas: _build_and_print(args, replicas))
+    return _build_and_print(args, SINGLE)
+
+
+def _build_and_print(args, replicas: Replicas) -> int:
+    from .engine import Engine
+
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     layers = None if args.no_features else parse_layers(args.feature_layers, engine.model.config.num_layers)
     manifest = build_data(engine, args.out, args.prompts, args.shard_size, args.seed, args.answer_tokens, args.batch,
-                          layers, tuple(args.corpus))
+                          layers, tuple(args.corpus), progress=replicas.writer, replicas=replicas)
+    if not replicas.writer:
+        return 0
     summary = {"out": args.out, "shards": len(manifest["shards"]),
                "sequences": sum(s["sequences"] for s in manifest["shards"]),
                "answer_tokens": manifest["answer_tokens_total"],

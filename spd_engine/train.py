@@ -22,10 +22,14 @@ Pipeline of one run:
    pointer update; ``--resume`` continues from the latest one and ends bit-identical to an uninterrupted run.
 5. **Report.** Validation metrics (:meth:`Distiller.validate`), ``train_report.json`` and the final PDM,
    all in ``--out``.
+
+``--cache`` runs also train data-parallel under torchrun (``--distributed``; :mod:`spd_engine.runtime.data_parallel`):
+``--batch-size`` is then the global batch, each rank trains on its share, and rank 0 writes every file.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -47,6 +51,7 @@ from .errors import UserError
 from .jsonl import read_jsonl
 from .model import AnchorCapture
 from .pdm import PDM, WEIGHTS_FILE
+from .runtime.data_parallel import SINGLE, Replicas
 from .stages import parse_stage_layers, partition_layers
 from .weights import read_safetensors
 
@@ -100,6 +105,7 @@ class TrainOptions:
     normalize_anchors: bool = False  # train on RMS-standardised anchors, folded into the weights at save time
     max_rows: int = 768  # a cached conversation longer than this trains on its last max_rows rows
     bf16: bool = False  # (--cache) bfloat16 autocast for the PDM's matmuls; float32 master weights
+    micro_batch: int | None = None  # (--cache) sequences per forward pass on one rank; None: its whole share
 
     def check(self) -> None:
         if bool(self.data) == bool(self.cache):
@@ -114,7 +120,7 @@ class TrainOptions:
                                  ("--answer-tokens", self.answer_tokens, 1), ("--seq-len", self.seq_len, 2),
                                  ("--batch-size", self.batch_size, 1), ("--steps", self.steps, 1),
                                  ("--checkpoint-every", self.checkpoint_every, 1),
-                                 ("--max-examples", self.max_examples, 1)):
+                                 ("--max-examples", self.max_examples, 1), ("--micro-batch", self.micro_batch, 1)):
             if value is not None and value < low:
                 raise UserError(f"{name} must be >= {low}, got {value}")
         if not self.epochs > 0:
@@ -152,8 +158,9 @@ def fill_probabilities(stages: int, mix: str, expected_acceptance: float) -> tor
     return (shares / shares.sum()).float()
 
 
-# Options that may differ between a run and its resumption: none of them changes a trained number.
-RESUME_FREE = ("out", "resume", "checkpoint_every", "target_cache_gb")
+# Options that may differ between a run and its resumption: none of them changes a trained number, except that
+# micro_batch (like the number of ranks) splits the same batch into other pieces: float summation order only.
+RESUME_FREE = ("out", "resume", "checkpoint_every", "target_cache_gb", "micro_batch")
 
 
 # ====================================================================== data
@@ -522,16 +529,18 @@ class Distiller:
                 out = out[:, positions_wanted]
             return pdm.draft_logits(out).float()
 
-    def loss_and_matches(self, logits: torch.Tensor, outputs: TargetOutputs, where: torch.Tensor | None = None):
+    def loss_and_matches(self, logits: torch.Tensor, outputs: TargetOutputs, where: torch.Tensor | None = None,
+                         denominator: torch.Tensor | None = None):
         """KL(target ‖ draft) over the draft vocabulary, averaged over positions whose target argmax is in it
         (and, with ``where`` (B, T), that are scored); plus (B, T) top-1 agreement with the target argmax
-        (out-of-vocabulary targets are misses) and the in-vocabulary mask."""
+        (out-of-vocabulary targets are misses) and the in-vocabulary mask. ``denominator``: divide the KL sum
+        by this count instead (that of a whole batch this is a piece of)."""
         in_vocab = self.vocab_row[outputs.argmax] >= 0
         if where is not None:
             in_vocab = in_vocab & where
         kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(outputs.teacher, -1), log_target=True,
                       reduction="none").sum(-1)
-        loss = (kl * in_vocab).sum() / in_vocab.sum().clamp(min=1)
+        loss = (kl * in_vocab).sum() / (in_vocab.sum().clamp(min=1) if denominator is None else denominator)
         matches = self.pdm.draft_vocab[logits.argmax(-1)] == outputs.argmax
         return loss, matches, in_vocab
 
@@ -575,24 +584,43 @@ class Distiller:
                 "in_vocab_fraction": int(counted.sum()) / max(positions, 1), "positions": positions}
 
 
-def _train_step(distiller: Distiller, optimizer, scheduler, outputs: TargetOutputs, fill,
-                where: torch.Tensor | None = None):
-    """One optimiser step; returns (loss, top-1 agreement over the scored positions, all when ``where`` is None).
-    Positions before the first scored one are keys only: their queries are not computed."""
-    first = 0
-    if where is not None:
-        first = int(where.any(0).nonzero()[0]) if bool(where.any()) else 0
-        outputs = TargetOutputs(outputs.anchors, outputs.teacher[:, first:], outputs.argmax[:, first:])
-        where = where[:, first:]
-    logits = distiller.draft_logits(outputs.anchors, fill, first_query=first)
-    loss, matches, _ = distiller.loss_and_matches(logits, outputs, where)
+def _train_step(distiller: Distiller, optimizer, scheduler, pieces: list[tuple[TargetOutputs, torch.Tensor | None]],
+                fill, replicas: Replicas = SINGLE) -> tuple[float, float, int]:
+    """One optimiser step over one batch; returns (loss, top-1 agreement, scored positions), all over the whole
+    batch (every rank's pieces).
+
+    ``pieces``: this rank's parts of the batch as (outputs, where) (``where`` None: every position scores), one
+    forward and backward each (gradient accumulation). Each piece's KL sum is divided by the in-vocabulary count
+    of the whole batch, so the gradients summed over pieces and ranks are those of the batch's mean loss
+    whatever the split, up to float summation order. ``fill``: an int, None, or one fill per query position of
+    the whole batch's padded length (a piece, padded to its own longest, takes the first ones). Positions before
+    a piece's first scored one are keys only: their queries are not computed."""
+    counts = torch.zeros(2, dtype=torch.long, device=distiller.vocab_row.device)  # in-vocabulary, scored
+    for outputs, where in pieces:
+        in_vocab = distiller.vocab_row[outputs.argmax] >= 0
+        counts[0] += (in_vocab if where is None else in_vocab & where).sum()
+        counts[1] += outputs.argmax.numel() if where is None else where.sum()
+    replicas.sum_(counts, "summing the batch's token counts")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    tallies = torch.zeros(2, device=counts.device)  # loss, top-1 matches
+    for outputs, where in pieces:
+        first = 0
+        if where is not None:
+            first = int(where.any(0).nonzero()[0]) if bool(where.any()) else 0
+            outputs = TargetOutputs(outputs.anchors, outputs.teacher[:, first:], outputs.argmax[:, first:])
+            where = where[:, first:]
+        piece_fill = fill[: outputs.anchors.shape[1]] if isinstance(fill, torch.Tensor) else fill
+        logits = distiller.draft_logits(outputs.anchors, piece_fill, first_query=first)
+        loss, matches, _ = distiller.loss_and_matches(logits, outputs, where, denominator=counts[0].clamp(min=1))
+        loss.backward()
+        tallies[0] += loss.detach()
+        tallies[1] += (matches if where is None else matches & where).sum()
+    replicas.sum_gradients(distiller.pdm.trainable(), tallies)
     torch.nn.utils.clip_grad_norm_(distiller.pdm.trainable(), GRAD_CLIP)
     optimizer.step()
     scheduler.step()
-    top1 = matches.float().mean() if where is None else (matches & where).sum() / where.sum().clamp(min=1)
-    return float(loss.detach()), float(top1)
+    scored = int(counts[1])
+    return float(tallies[0]), float(tallies[1]) / max(scored, 1), scored
 
 
 BUCKET_BATCHES = 16  # length bucketing groups items over this many batches at a time
@@ -799,9 +827,11 @@ def _size_report(pdm: PDM, out_dir: Path) -> dict:
             "pdm_file_bytes": (out_dir / WEIGHTS_FILE).stat().st_size}
 
 
-def train_pdm(engine, options: TrainOptions, progress: bool = True) -> dict:
+def train_pdm(engine, options: TrainOptions, progress: bool = True, replicas: Replicas = SINGLE) -> dict | None:
     """Train (or, with ``options.resume``, continue training) a PDM for ``engine``'s model; returns the report
-    that is also written to ``<out>/train_report.json``. The final PDM is saved in ``<out>`` (``--pdm <out>``)."""
+    that is also written to ``<out>/train_report.json``. The final PDM is saved in ``<out>`` (``--pdm <out>``).
+    ``replicas``: this rank of a data-parallel run (``--cache`` only): rank 0 writes every file and returns the
+    report, the other ranks return None."""
     options.check()
     _parse_anchors(options.anchors)  # a malformed list fails before any work
     target = engine.model
@@ -819,7 +849,9 @@ def train_pdm(engine, options: TrainOptions, progress: bool = True) -> dict:
                 raise UserError(f"cannot resume from '{checkpoint}': it was trained with {key}="
                                 f"{state['identity'].get(key)!r}, this run asks for {value!r}")
     if options.cache:
-        return _train_from_cache(engine, options, bounds, checkpoint, state, identity, progress)
+        return _train_from_cache(engine, options, bounds, checkpoint, state, identity, progress, replicas)
+    if replicas.world_size > 1:
+        raise UserError("--distributed trains from a feature cache: add --cache DIR (see build-data)")
 
     data_started = time.perf_counter()
     data = load_training_data(engine, options, progress)
@@ -860,7 +892,8 @@ def train_pdm(engine, options: TrainOptions, progress: bool = True) -> dict:
     while step < total_steps:
         started = time.perf_counter()
         outputs = train_targets.get(sampler.next().tolist())
-        loss, top1 = _train_step(distiller, optimizer, scheduler, outputs, pick_fill(generator, pdm.config.stages))
+        loss, top1, _ = _train_step(distiller, optimizer, scheduler, [(outputs, None)],
+                                    pick_fill(generator, pdm.config.stages))
         seconds += time.perf_counter() - started
         step += 1
         # Exponential moving averages for the bar and the report (the per-step values are noisy).
@@ -933,14 +966,16 @@ class CacheDistiller(Distiller):
         return TargetOutputs(batch.anchors, self.teacher(batch.last_hidden), batch.next_tokens)
 
     @torch.no_grad()
-    def validate_fills(self, cache, indices: list[int], batch_size: int, max_rows: int) -> dict | None:
+    def validate_fills(self, cache, indices: list[int], batch_size: int, max_rows: int,
+                       replicas: Replicas = SINGLE) -> dict | None:
         """Per fill f = 1..n, on the held-out answer tokens: the draft's agreement with the target's token
-        (an out-of-vocabulary token is a miss), i.e. the predicted per-draft acceptance at that fill."""
+        (an out-of-vocabulary token is a miss), i.e. the predicted per-draft acceptance at that fill. Several
+        ranks share the batches and sum their tallies."""
         if not indices:
             return None
         n = self.pdm.config.stages
         hits, scored, in_vocab, loss_sum = torch.zeros(n), 0, 0, 0.0
-        for start in range(0, len(indices), batch_size):
+        for start in replicas.deal(list(range(0, len(indices), batch_size))):
             batch = cache.batch(indices[start: start + batch_size], max_rows)
             outputs = self.outputs(batch)
             scored += int(batch.scored.sum())
@@ -954,6 +989,11 @@ class CacheDistiller(Distiller):
                 hits[f - 1] += float((matches & where).sum())
                 if f == n:
                     loss_sum += float(loss) * float(counted.sum())
+        if replicas.world_size > 1:
+            local = torch.cat([hits.double(), torch.tensor([scored, in_vocab, loss_sum], dtype=torch.float64)])
+            tallies = replicas.sum_(local.to(self.vocab_row.device), "summing validation tallies").cpu()
+            hits, loss_sum = tallies[:n].float(), float(tallies[-1])
+            scored, in_vocab = map(int, tallies[n: n + 2])
         acceptance = (hits / max(scored, 1)).tolist()
         return {"acceptance_by_fill": {str(f): a for f, a in enumerate(acceptance, 1)},
                 "acceptance_full_pipeline": acceptance[-1], "loss_full_pipeline": loss_sum / max(in_vocab, 1),
@@ -961,9 +1001,10 @@ class CacheDistiller(Distiller):
 
 
 def _train_from_cache(engine, options: TrainOptions, bounds, checkpoint: Path | None, state: dict | None,
-                      identity: dict, progress: bool) -> dict:
+                      identity: dict, progress: bool, replicas: Replicas) -> dict | None:
     """``train-pdm --cache``: the PDM alone learns from cached anchors and teacher hidden states; no target
-    forward runs per step. Loss on answer tokens only, fills drawn by ``--fill-mix``."""
+    forward runs per step. Loss on answer tokens only, fills drawn by ``--fill-mix``. With several ranks
+    (:mod:`spd_engine.runtime.data_parallel`) each trains on its share of every batch; the run is the same."""
     from .feature_cache import FeatureCache
 
     target, out_dir = engine.model, Path(options.out)
@@ -978,6 +1019,9 @@ def _train_from_cache(engine, options: TrainOptions, bounds, checkpoint: Path | 
     if state is not None and state["data_fingerprint"] != fingerprint:
         raise UserError(f"cannot resume from '{checkpoint}': the feature cache changed since it was written")
     total_steps = options.steps or math.ceil(options.epochs * len(train_ids) / options.batch_size)
+    if options.batch_size < replicas.world_size:
+        raise UserError(f"--batch-size {options.batch_size} is the global batch: it needs at least one sequence "
+                        f"per rank, and {replicas.world_size} ranks were launched")
     inv_scale = None
     if options.normalize_anchors:
         # Every anchor channel to one RMS: that of the last layer's output overall, the residual scale the tower
@@ -993,6 +1037,7 @@ def _train_from_cache(engine, options: TrainOptions, bounds, checkpoint: Path | 
     else:
         pdm = PDM.load(checkpoint, target, bounds)
         _set_trainable(pdm, {**read_safetensors(checkpoint / WEIGHTS_FILE), "agg_weight": state["agg_normed"]})
+    replicas.broadcast_(pdm.trainable(), "receiving the starting weights")
     distiller = CacheDistiller(target, pdm, inv_scale)
     if options.bf16:
         distiller.autocast = lambda: torch.autocast(target.device.type, dtype=torch.bfloat16)
@@ -1006,7 +1051,7 @@ def _train_from_cache(engine, options: TrainOptions, bounds, checkpoint: Path | 
     sampler = BatchSampler(len(train_ids), options.batch_size, generator, lengths)
     if state is None:
         step, seconds, rows_seen, running = 0, 0.0, 0, {"loss": None, "top1": None}
-        initial_val = distiller.validate_fills(cache, val_ids, options.batch_size, options.max_rows)
+        initial_val = distiller.validate_fills(cache, val_ids, options.batch_size, options.max_rows, replicas)
     else:
         _restore_trainer(checkpoint, state, optimizer, scheduler, sampler, generator)
         step, seconds, running = state["step"], state["train_seconds"], state["running"]
@@ -1014,6 +1059,8 @@ def _train_from_cache(engine, options: TrainOptions, bounds, checkpoint: Path | 
     history = list(state["history"]) if state is not None else []
 
     def checkpoint_now() -> None:
+        if not replicas.writer:
+            return
         trainer = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                    "data_order": sampler.state_dict(), "rng": _rng_state(generator), "identity": identity,
                    "data_fingerprint": fingerprint, "train_seconds": seconds, "running": dict(running),
@@ -1022,14 +1069,21 @@ def _train_from_cache(engine, options: TrainOptions, bounds, checkpoint: Path | 
         with inference_weights(pdm, inv_scale):
             save_checkpoint(out_dir, step, pdm, trainer)
 
-    bar = tqdm(total=total_steps, initial=step, desc="train-pdm", unit="step", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=total_steps, initial=step, desc="train-pdm", unit="step",
+               disable=not (progress and replicas.writer), file=sys.stderr)
     while step < total_steps:
         started = time.perf_counter()
-        batch = cache.batch([train_ids[i] for i in sampler.next().tolist()], options.max_rows)
-        fill = _fills(generator, probabilities, batch.anchors.shape[1], per_position)
-        loss, top1 = _train_step(distiller, optimizer, scheduler, distiller.outputs(batch), fill, batch.scored)
+        drawn = sampler.next().tolist()  # the whole batch: every rank draws it, so all stay in step
+        fill = _fills(generator, probabilities, max(lengths[i] for i in drawn), per_position)
+        mine = replicas.share([train_ids[i] for i in drawn])
+        micro = options.micro_batch or len(mine)
+        pieces = []
+        for start in range(0, len(mine), micro):
+            batch = cache.batch(mine[start: start + micro], options.max_rows)
+            pieces.append((distiller.outputs(batch), batch.scored))
+        loss, top1, scored = _train_step(distiller, optimizer, scheduler, pieces, fill, replicas)
         seconds += time.perf_counter() - started
-        rows_seen += int(batch.scored.sum())
+        rows_seen += scored
         step += 1
         for key, value in (("loss", loss), ("top1", top1)):
             running[key] = value if running[key] is None else 0.95 * running[key] + 0.05 * value
@@ -1037,12 +1091,15 @@ def _train_from_cache(engine, options: TrainOptions, bounds, checkpoint: Path | 
         bar.set_postfix(loss=f"{running['loss']:.3f}", top1=f"{running['top1']:.3f}")
         if step % options.checkpoint_every == 0 or step == total_steps:
             history.append({"step": step, "answer_tokens_seen": rows_seen, "train_top1": running["top1"],
-                            "val": distiller.validate_fills(cache, val_ids, options.batch_size, options.max_rows)})
+                            "val": distiller.validate_fills(cache, val_ids, options.batch_size, options.max_rows,
+                                                            replicas)})
             if step < total_steps:
                 checkpoint_now()
     bar.close()
     if state is None or step > state["step"]:
         checkpoint_now()
+    if not replicas.writer:
+        return None
     with inference_weights(pdm, inv_scale):
         pdm.save(out_dir)
     report = {
@@ -1054,6 +1111,7 @@ def _train_from_cache(engine, options: TrainOptions, bounds, checkpoint: Path | 
         "fill_probabilities": probabilities.tolist(), "normalize_anchors": options.normalize_anchors,
         "train_conversations": len(train_ids), "val_conversations": len(val_ids),
         "train_answer_tokens": int(answer_tokens.numel()), "steps": step, "batch_size": options.batch_size,
+        "micro_batch": options.micro_batch, "ranks": replicas.world_size,
         "lr": options.lr, "epochs": step * options.batch_size / len(train_ids), "train_seconds": seconds,
         "answer_tokens_seen": rows_seen, "train_tokens_per_s": rows_seen / seconds if seconds else 0.0,
         "train_loss": running["loss"], "train_top1": running["top1"], "val_initial": initial_val,
@@ -1086,6 +1144,13 @@ def add_arguments(p) -> None:
     p.add_argument("--bf16", action="store_true",
                    help="(--cache) bfloat16 autocast for the PDM (float32 master weights): ~1.4x faster on CPUs "
                         "with AVX512-BF16")
+    p.add_argument("--micro-batch", type=int, default=None, metavar="N",
+                   help="(--cache) sequences per forward pass on one rank; a larger share of the global "
+                        "--batch-size is accumulated over several passes (default: the whole share)")
+    p.add_argument("--distributed", action="store_true",
+                   help="(--cache) data-parallel under torchrun: --batch-size is the global batch, each rank "
+                        "trains on its share, rank 0 writes --out")
+    importlib.import_module("spd_engine.runtime.distributed").add_arguments(p)
     p.add_argument("--data", nargs="+", default=[], metavar="PATH",
                    help=".txt (plain text, used as passages of >= 80 words; with --self-distill they become "
                         "prompts) or .jsonl chats ({'messages': [...]} or {'turns': [...]})")
@@ -1111,8 +1176,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .engine import Engine
-
     options = TrainOptions(
         data=args.data, out=args.out, stages=args.stages,
         stage_layers=parse_stage_layers(args.stage_layers) if args.stage_layers else None,
@@ -1122,10 +1185,24 @@ def run(args) -> int:
         val_fraction=args.val_fraction, checkpoint_every=args.checkpoint_every, resume=args.resume, seed=args.seed,
         target_cache_gb=args.target_cache_gb, cache=args.cache, fill_mix=args.fill_mix,
         expected_acceptance=args.expected_acceptance, normalize_anchors=args.normalize_anchors,
-        max_rows=args.max_rows, bf16=args.bf16)
+        max_rows=args.max_rows, bf16=args.bf16, micro_batch=args.micro_batch)
     options.check()  # before loading the model: a bad flag fails fast
+    if args.distributed:
+        from .runtime.data_parallel import run_data_parallel
+
+        return run_data_parallel(args, "torchrun --standalone --nproc-per-node 8 -m spd_engine train-pdm "
+                                       "--distributed --cache DIR ...", lambda replicas: _train_and_print(
+                                           args, options, replicas))
+    return _train_and_print(args, options, SINGLE)
+
+
+def _train_and_print(args, options: TrainOptions, replicas: Replicas) -> int:
+    from .engine import Engine
+
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
-    report = train_pdm(engine, options)
+    report = train_pdm(engine, options, progress=replicas.writer, replicas=replicas)
+    if not replicas.writer:
+        return 0
     if args.json:
         print(json.dumps(report))
         return 0

@@ -155,15 +155,13 @@ def _reason(exc: BaseException) -> str:
     return first.split(". ")[0]
 
 
-class Links:
-    """This rank's traffic: the control broadcast and point-to-point tensors, every wait bounded and watched."""
+class Peer:
+    """This process's place in torchrun's process group: rank, world size, device, and waits on the other ranks
+    that are bounded by the timeout and watched; a lost or silent peer becomes :class:`PipelineBroken`."""
 
-    def __init__(self, rank: int, timeout_s: float, device: torch.device):
-        self.rank = rank
+    def __init__(self, rank: int, world_size: int, device: torch.device, timeout_s: float):
+        self.rank, self.world_size, self.device = rank, world_size, device
         self.watchdog = Watchdog(rank, timeout_s)
-        self.control = torch.zeros(3, dtype=torch.long, device=device)
-        self._sends: list = []  # (work, tensor): the tensor must stay alive until the send completes
-        self._receives: list = []  # (work, what): posted receives, completed by finish_receives
 
     @contextmanager
     def waiting(self, what: str):
@@ -173,6 +171,16 @@ class Links:
             except RuntimeError as exc:  # gloo and NCCL report a lost or silent peer as RuntimeError
                 raise PipelineBroken(f"rank {self.rank}: {what} failed: {_reason(exc)}; "
                                      f"another rank died or stalled") from exc
+
+
+class Links:
+    """This rank's traffic: the control broadcast and point-to-point tensors, every wait bounded and watched."""
+
+    def __init__(self, peer: Peer):
+        self.rank, self.waiting = peer.rank, peer.waiting
+        self.control = torch.zeros(3, dtype=torch.long, device=peer.device)
+        self._sends: list = []  # (work, tensor): the tensor must stay alive until the send completes
+        self._receives: list = []  # (work, what): posted receives, completed by finish_receives
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int, what: str) -> None:
         with self.waiting(what):
@@ -378,8 +386,9 @@ def load_stage(args, plan: Plan, stage: int, device: torch.device) -> Model:
                                  backend=args.backend, layers=range(*plan.bounds[stage]), embeddings_and_head=False)
 
 
-def agree(links: Links, rank: int, mine: dict) -> list[dict]:
-    """Every rank's setup outcome ({"error": message or None, ...}); a single error refuses the run on all."""
+def agree(links: Links | Peer, rank: int, mine: dict) -> list[dict]:
+    """Every rank's setup outcome ({"error": message or None, ...}); a single error refuses the run on all.
+    ``links``: anything whose ``waiting`` bounds the wait (the pipeline's links, or a data-parallel peer)."""
     gathered: list = [None] * dist.get_world_size()
     with links.waiting("agreeing on the configuration"):
         dist.all_gather_object(gathered, mine)
@@ -392,14 +401,21 @@ def agree(links: Links, rank: int, mine: dict) -> list[dict]:
 
 def run_distributed_generate(args) -> int:
     """``generate --distributed`` on this rank: agree on the configuration, then drive (rank 0) or serve a
-    stage. User mistakes raise UserError on every rank. A lost peer prints one line and ends the process with
-    status 1 at once: a broken process group cannot be torn down, its threads abort the interpreter's exit.
+    stage (see :func:`run_in_process_group` for how it ends)."""
+    return run_in_process_group(
+        args, "torchrun --standalone --nproc-per-node 5 -m spd_engine generate --distributed --mode spd --stages 4 ...",
+        lambda peer: _run_rank(args, Links(peer), peer.rank, peer.world_size, peer.device))
 
-    ``args`` is the ``generate`` namespace; ``dist_timeout`` (registered by :func:`add_arguments`) is
-    DEFAULT_TIMEOUT_S when the caller's parser does not define it."""
+
+def run_in_process_group(args, example: str, body) -> int:
+    """Join torchrun's process group (gloo on CPU; NCCL on GPU, one GPU per rank) and run ``body(peer)`` on
+    this rank. User mistakes raise UserError. A lost peer prints one line and ends the process with status 1 at
+    once: a broken process group cannot be torn down, its threads abort the interpreter's exit.
+
+    ``args`` carries ``device`` and ``dist_timeout`` (registered by :func:`add_arguments`; DEFAULT_TIMEOUT_S
+    when the caller's parser does not define it); ``example`` is the launch shown when torchrun is missing."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise UserError("--distributed runs under torchrun, e.g. torchrun --standalone --nproc-per-node 5 "
-                        "-m spd_engine generate --distributed --mode spd --stages 4 ...")
+        raise UserError(f"--distributed runs under torchrun, e.g. {example}")
     timeout_s = getattr(args, "dist_timeout", DEFAULT_TIMEOUT_S)
     if not timeout_s > 0:
         raise UserError(f"--dist-timeout must be a positive number of seconds, got {timeout_s}")
@@ -411,17 +427,17 @@ def run_distributed_generate(args) -> int:
             raise UserError(f"{ranks_here} ranks on this machine need {ranks_here} GPUs, but it has {gpus}")
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    links = Links(rank, timeout_s, device)
+    peer = Peer(rank, world_size, device, timeout_s)
     try:
-        with links.waiting("meeting the other ranks"):
+        with peer.waiting("meeting the other ranks"):
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
         with joined_group():
-            _run_rank(args, links, rank, world_size, device)
+            result = body(peer)
     except PipelineBroken as exc:
         print(f"spd-engine: error: {exc}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(EXIT_PIPELINE_BROKEN)
-    return 0
+    return 0 if result is None else result
 
 
 @contextmanager
