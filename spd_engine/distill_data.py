@@ -306,7 +306,12 @@ def _build_one(engine, out_dir: Path, index: int, entry: dict | None, prompts: i
     _write_atomic(text_path, write_text)
     if features is not None:
         bits = features.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-        _write_atomic(feature_path, lambda tmp: np.save(open(tmp, "wb"), bits))
+
+        def write_features(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                np.save(handle, bits)
+
+        _write_atomic(feature_path, write_features)
     return {"index": index, "file": text_path.name, "sequences": len(records),
             "skipped_too_long": len(chunk) - len(records),
             "prompt_tokens": sum(len(r["prompt_ids"]) for r in records),

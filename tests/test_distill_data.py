@@ -237,3 +237,19 @@ def test_sigkilled_build_resumes_to_the_uninterrupted_result(tiny_dir, tmp_path)
             assert path.read_bytes() == (killed / path.name).read_bytes(), path.name
     assert not [p for p in killed.iterdir() if p.name.startswith(".")]
     shutil.rmtree(whole)
+
+
+def test_a_full_disk_is_one_clear_error_and_leaves_no_partial_file(engine, tmp_path, monkeypatch):
+    import errno
+
+    import spd_engine.distill_data as distill
+
+    def no_space(handle, array):
+        handle.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(distill.np, "save", no_space)
+    with pytest.raises(UserError, match="disk full"):
+        build(engine, tmp_path, prompts=4)
+    assert not list(tmp_path.glob("*.features.npy")) and not list(tmp_path.glob(".*.tmp"))
+    assert not (tmp_path / MANIFEST_FILE).exists()  # nothing lists the shard that failed
