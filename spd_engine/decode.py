@@ -84,6 +84,24 @@ class VanillaStep:
         self.step()
 
 
+def drain(step, steps_per_readback: int, device, tokens: list[int], eos_ids: Collection[int], max_new_tokens: int,
+          on_tokens: TokenCallback | None) -> None:
+    """The decoding loop of every mode: run ``step`` in batches of ``steps_per_readback``, then read back, with
+    one host sync, how many tokens the device has committed (``device.num_out``) and append them from
+    ``device.out_tokens`` to ``tokens`` (which holds the first one already), streaming each, until EOS or the
+    limit. Steps past the last kept token are wasted work, never output."""
+    while not stop_reached(tokens, eos_ids, max_new_tokens):
+        for _ in range(steps_per_readback):
+            step()
+        produced = int(device.num_out)  # the one host sync per batch of steps
+        for token in device.out_tokens[len(tokens) - 1: produced].tolist():
+            tokens.append(token)
+            if on_tokens:
+                on_tokens([token])
+            if stop_reached(tokens, eos_ids, max_new_tokens):
+                break
+
+
 def generate_vanilla(model: Model, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
                      eos_ids: Iterable[int], on_tokens: TokenCallback | None = None,
                      graph: str = "off") -> GenerationResult:
@@ -115,16 +133,7 @@ def generate_vanilla(model: Model, prompt_ids: list[int], max_new_tokens: int, p
                 capture_seconds = time.perf_counter() - captured
             else:
                 step = decoder.cycle
-        while not stop_reached(tokens, eos_ids, max_new_tokens):
-            for _ in range(readback):
-                step()
-            produced = int(decoder.num_out)  # the one host sync per batch of steps
-            for token in decoder.out_tokens[len(tokens) - 1: produced].tolist():
-                tokens.append(token)
-                if on_tokens:
-                    on_tokens([token])
-                if stop_reached(tokens, eos_ids, max_new_tokens):
-                    break
+            drain(step, readback, decoder, tokens, eos_ids, max_new_tokens, on_tokens)
     seconds = time.perf_counter() - start
     decode_seconds = seconds - prefill_seconds - capture_seconds
     return GenerationResult(prompt_ids, tokens, {

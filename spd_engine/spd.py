@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from .decode import GenerationResult, TokenCallback, cache_capacity, stop_reached
+from .decode import GenerationResult, TokenCallback, cache_capacity, drain, stop_reached
 from .errors import UserError
 from .model import Model
 from .pdm import PDM
@@ -283,16 +283,7 @@ def run_spd(state: SPDState, prompt_ids: list[int], max_new_tokens: int, eos_ids
         cycle = runner() if runner is not None else state.cycle
         warmup_cycles = int(state.cycles)  # a graph's warm-up cycles are real, but timed as capture
         capture_seconds = time.perf_counter() - start - prefill_seconds  # graph warm-up + capture, if any
-        while not stop_reached(tokens, eos_ids, max_new_tokens):
-            for _ in range(readback_every):
-                cycle()
-            produced = int(state.num_out)  # the one host sync per batch of cycles
-            for token in state.out_tokens[len(tokens) - 1: produced].tolist():
-                tokens.append(token)
-                if on_tokens:
-                    on_tokens([token])
-                if stop_reached(tokens, eos_ids, max_new_tokens):
-                    break
+        drain(cycle, readback_every, state, tokens, eos_ids, max_new_tokens, on_tokens)
         seconds = time.perf_counter() - start
         cycles_run = int(state.cycles)
         num_out_at = state.num_out_at[:min(cycles_run, state.max_cycles)].tolist()

@@ -584,6 +584,17 @@ class Distiller:
                 "in_vocab_fraction": int(counted.sum()) / max(positions, 1), "positions": positions}
 
 
+def from_first_scored(outputs: TargetOutputs, where: torch.Tensor | None):
+    """(first, outputs, where) with the teacher, targets and mask cut to start at the batch's first scored
+    position: the positions before it are keys only, so their queries need not run (``draft_logits``'s
+    ``first_query``). The anchors stay whole. ``where`` None: every position scores, nothing is cut."""
+    if where is None or not bool(where.any()):
+        return 0, outputs, where
+    first = int(where.any(0).nonzero()[0])
+    return first, TargetOutputs(outputs.anchors, outputs.teacher[:, first:], outputs.argmax[:, first:]), \
+        where[:, first:]
+
+
 def _train_step(distiller: Distiller, optimizer, scheduler, pieces: list[tuple[TargetOutputs, torch.Tensor | None]],
                 fill, replicas: Replicas = SINGLE) -> tuple[float, float, int]:
     """One optimiser step over one batch; returns (loss, top-1 agreement, scored positions), all over the whole
@@ -604,11 +615,7 @@ def _train_step(distiller: Distiller, optimizer, scheduler, pieces: list[tuple[T
     optimizer.zero_grad(set_to_none=True)
     tallies = torch.zeros(2, device=counts.device)  # loss, top-1 matches
     for outputs, where in pieces:
-        first = 0
-        if where is not None:
-            first = int(where.any(0).nonzero()[0]) if bool(where.any()) else 0
-            outputs = TargetOutputs(outputs.anchors, outputs.teacher[:, first:], outputs.argmax[:, first:])
-            where = where[:, first:]
+        first, outputs, where = from_first_scored(outputs, where)
         piece_fill = fill[: outputs.anchors.shape[1]] if isinstance(fill, torch.Tensor) else fill
         logits = distiller.draft_logits(outputs.anchors, piece_fill, first_query=first)
         loss, matches, _ = distiller.loss_and_matches(logits, outputs, where, denominator=counts[0].clamp(min=1))
@@ -957,10 +964,14 @@ def _fills(generator: torch.Generator, probabilities: torch.Tensor, length: int,
 class CacheDistiller(Distiller):
     """A :class:`Distiller` fed from a feature cache: the teacher comes from the cached last-layer output."""
 
+    def __init__(self, target, pdm: PDM, anchor_inv_scale: torch.Tensor | None = None):
+        super().__init__(target, pdm, anchor_inv_scale)
+        # The target's LM-head rows of the draft vocabulary, gathered once (not per step).
+        self.teacher_head = target.lm_head_weight[pdm.draft_vocab].float()
+
     def teacher(self, last_hidden: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            head = self.target.lm_head_weight[self.pdm.draft_vocab].float()
-            return F.linear(self.target.final_norm(last_hidden.to(self.target.dtype)).float(), head)
+            return F.linear(self.target.final_norm(last_hidden.to(self.target.dtype)).float(), self.teacher_head)
 
     def outputs(self, batch) -> TargetOutputs:
         return TargetOutputs(batch.anchors, self.teacher(batch.last_hidden), batch.next_tokens)
@@ -980,9 +991,7 @@ class CacheDistiller(Distiller):
             outputs = self.outputs(batch)
             scored += int(batch.scored.sum())
             in_vocab += int((batch.scored & (self.vocab_row[batch.next_tokens] >= 0)).sum())
-            first = int(batch.scored.any(0).nonzero()[0]) if bool(batch.scored.any()) else 0
-            outputs = TargetOutputs(outputs.anchors, outputs.teacher[:, first:], outputs.argmax[:, first:])
-            where = batch.scored[:, first:]
+            first, outputs, where = from_first_scored(outputs, batch.scored)
             for f in range(1, n + 1):
                 loss, matches, counted = self.loss_and_matches(
                     self.draft_logits(batch.anchors, f, first_query=first), outputs, where)
