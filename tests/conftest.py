@@ -124,3 +124,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- the tiny Llama of the data and training tests
+# (test_distill_data, test_train_cache, test_ddp); a module that needs another model defines its own fixture of
+# the same name, which takes precedence.
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tiny_models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"), "llama", layers=4)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    from spd_engine.engine import Engine
+
+    return Engine.load(str(tiny_dir))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(engine, tmp_path_factory):
+    """A build-data feature cache of 40 conversations answered by the tiny model, every layer cached."""
+    from spd_engine.distill_data import build_data
+
+    out = tmp_path_factory.mktemp("cache")
+    build_data(engine, out, prompts=40, shard_size=20, seed=0, answer_tokens=24, batch=8,
+               feature_layers=[0, 1, 2, 3, 4], progress=False)
+    return out

@@ -23,10 +23,8 @@ from safetensors.torch import load_file
 
 from spd_engine.cli import main
 from spd_engine.distill_data import MANIFEST_FILE, build_data
-from spd_engine.engine import Engine
 from spd_engine.pdm import WEIGHTS_FILE
 from spd_engine.train import CHECKPOINT_DIR, TRAINER_STATE_FILE, TrainOptions, latest_checkpoint, train_pdm
-from tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LAUNCH_LIMIT_S = 180
@@ -37,24 +35,6 @@ WHOLE_BATCH_TOLERANCE = dict(rtol=0, atol=1e-4)
 TRAIN = dict(stages=2, steps=6, batch_size=4, lr=3e-3, draft_vocab=128, val_fraction=0.2, checkpoint_every=2,
              fill_mix="regime", normalize_anchors=True, max_rows=96)
 DATA = dict(prompts=10, shard_size=3, seed=0, answer_tokens=12, batch=3, feature_layers=[0, 1, 2, 3, 4])
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"), "llama", layers=4)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_dir):
-    return Engine.load(str(tiny_dir))
-
-
-@pytest.fixture(scope="module")
-def cache_dir(engine, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cache")
-    build_data(engine, out, prompts=40, shard_size=20, seed=0, answer_tokens=24, batch=8,
-               feature_layers=[0, 1, 2, 3, 4], progress=False)
-    return out
 
 
 def cli_flags(values: dict) -> list[str]:

@@ -29,16 +29,6 @@ LAYERS = [0, 1, 2, 3, 4]
 EVAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"), "llama", layers=4)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_dir):
-    return Engine.load(str(tiny_dir))
-
-
 def build(engine, out, prompts=10, shard_size=4, **kw):
     return build_data(engine, out, prompts=prompts, shard_size=shard_size, seed=0, answer_tokens=12, batch=3,
                       feature_layers=LAYERS, progress=False, **kw)

@@ -5,8 +5,6 @@ import torch
 from safetensors.torch import load_file
 
 from spd_engine import ops, train
-from spd_engine.distill_data import build_data
-from spd_engine.engine import Engine
 from spd_engine.errors import UserError
 from spd_engine.feature_cache import FeatureCache
 from spd_engine.pdm import PDM, WEIGHTS_FILE
@@ -16,22 +14,8 @@ from spd_engine.spd import generate_spd
 from spd_engine.stages import partition_layers
 from spd_engine.train import (CacheDistiller, Distiller, TrainOptions, fill_probabilities, folded_agg_weight,
                               staircase_mask, train_pdm)
-from tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    return Engine.load(str(make_tiny_model(tmp_path_factory.mktemp("tiny"), "llama", layers=4)))
-
-
-@pytest.fixture(scope="module")
-def cache_dir(engine, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cache")
-    build_data(engine, out, prompts=40, shard_size=20, seed=0, answer_tokens=24, batch=8,
-               feature_layers=[0, 1, 2, 3, 4], progress=False)
-    return out
 
 
 def options(out, cache_dir, **overrides) -> TrainOptions:
