@@ -125,10 +125,15 @@ class PDM:
         sd = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
         for name, writer in ((WEIGHTS_FILE, lambda p: save_file(sd, p)),
                              (CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(asdict(self.config), indent=1)))):
+            for stale in out_dir.glob(f".{name}.*"):  # left by a save that was killed: never read, only space
+                stale.unlink(missing_ok=True)
             fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.")
             os.close(fd)
-            writer(tmp)
-            os.replace(tmp, out_dir / name)
+            try:
+                writer(tmp)
+                os.replace(tmp, out_dir / name)
+            finally:
+                Path(tmp).unlink(missing_ok=True)  # gone already after the rename; removes it on failure
         return out_dir
 
     @classmethod

@@ -699,11 +699,17 @@ def lr_schedule(total_steps: int):
 
 # ====================================================================== checkpoints
 def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The checkpoint ``latest`` names; None when there is none yet. A pointer naming no checkpoint is damage
+    (the pointer is written only after its checkpoint is complete), never a reason to start over silently."""
     pointer = out_dir / CHECKPOINT_DIR / LATEST_FILE
     if not pointer.is_file():
         return None
-    path = out_dir / CHECKPOINT_DIR / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    name = pointer.read_text(errors="replace").strip()
+    path = out_dir / CHECKPOINT_DIR / name
+    if not name or "/" in name or not path.is_dir():
+        raise UserError(f"checkpoint pointer '{pointer}' names no checkpoint ('{name[:40]}'); delete "
+                        f"'{pointer.parent}' to start over")
+    return path
 
 
 def _damaged(checkpoint: Path, exc: Exception) -> UserError:

@@ -361,3 +361,20 @@ def test_bad_inputs_are_user_errors(engine, text_file, tmp_path, case):
     }[case]
     with pytest.raises(UserError):
         train_pdm(engine, options, progress=False)
+
+
+def test_pdm_save_leaves_no_temporary_files(engine, tmp_path, monkeypatch):
+    """A save that fails removes its temporary file; one killed earlier left files that the next save removes."""
+    pdm = PDM.create(engine.model, partition_layers(engine.model.config.num_layers, 2))
+    (tmp_path / f".{WEIGHTS_FILE}.killed").write_bytes(b"half a file")
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("spd_engine.pdm.save_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        pdm.save(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    pdm.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["pdm_config.json", WEIGHTS_FILE])
