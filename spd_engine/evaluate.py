@@ -117,7 +117,7 @@ def summarize(prompts: list[dict], mode: str) -> dict:
         "new_tokens": new_tokens,
         "accepted": accepted,
         "rejected": rejected,
-        "acceptance_rate": accepted / (accepted + rejected) if accepted + rejected else 0.0,
+        "acceptance_rate": accepted / (accepted + rejected) if accepted + rejected else None,  # None: no drafts
     }
     if prompts and "tokens_per_target_pass" in prompts[0]:
         totals.update(tokens_per_target_pass=_tokens_per_cost(prompts, "tokens_per_target_pass"),
@@ -185,7 +185,7 @@ def _run_modes(engine, modes: dict[str, dict], question_sets: dict, encoded: dic
                 for name, row in evaluate_prompt(engine, modes, ids, max_new_tokens, params, graph).items():
                     rows[name][path].append({"question_id": question["question_id"], **row})
                 bar.update(1)
-                bar.set_postfix({f"{name} accept": f"{summarize(rows[name][path], name)['acceptance_rate']:.3f}"
+                bar.set_postfix({f"{name} accept": _acceptance_cell(summarize(rows[name][path], name))
                                  for name in modes})
     return rows
 
@@ -312,21 +312,26 @@ def _lossless_cell(d: dict) -> str:
     return "n/a" if d["lossless"] is None else f"{d['lossless_prompts']}/{d['prompts']}"
 
 
+def _acceptance_cell(d: dict) -> str:
+    return "n/a" if d["acceptance_rate"] is None else f"{d['acceptance_rate']:.3f}"
+
+
 def format_table(report: dict) -> str:
     """One mode's report (:func:`evaluate`): a row per dataset."""
     mode = report.get("mode", TEACHER_FORCED_MODE)
     timed = report.get("method", "spd") == "spd"
     spd_pipeline = "equivalent_accept_length" in next(iter(report["datasets"].values()))
     rates = ("eq. accept len",) if spd_pipeline else ("tok/target pass", "theor. speedup")
-    header = ("dataset", "prompts", "lossless", "acceptance", *rates) + \
-        (("vanilla tok/s", f"{mode} tok/s", "wall ratio") if timed else ())
+    # The reference mode's own report has one speed: its run is the reference run.
+    speed_columns = ("vanilla tok/s",) + (() if mode == REFERENCE_MODE else (f"{mode} tok/s", "wall ratio"))
+    header = ("dataset", "prompts", "lossless", "acceptance", *rates) + (speed_columns if timed else ())
     rows = [header]
     for name, d in report["datasets"].items():
         rate_cells = (f"{d['equivalent_accept_length']:.2f}",) if spd_pipeline else \
             (f"{d['tokens_per_target_pass']:.2f}", f"{d['theoretical_speedup']:.2f}")
         speeds = (f"{d['vanilla_tokens_per_s']:.1f}", f"{d[f'{mode}_tokens_per_s']:.1f}",
-                  f"{d['wall_clock_ratio']:.2f}") if timed else ()
-        rows.append((name, str(d["prompts"]), _lossless_cell(d), f"{d['acceptance_rate']:.3f}", *rate_cells) + speeds)
+                  f"{d['wall_clock_ratio']:.2f}")[:len(speed_columns)] if timed else ()
+        rows.append((name, str(d["prompts"]), _lossless_cell(d), _acceptance_cell(d), *rate_cells) + speeds)
     settings = f"T={report['temperature']}, max {report['max_new_tokens']} new tokens, {report['device']}"
     if "stages" in report:  # an SPD pipeline (real or teacher-forced)
         caption = (f"SPD n={report['stages']} (stage layers {','.join(map(str, report['stage_layers']))}), "
@@ -336,7 +341,7 @@ def format_table(report: dict) -> str:
         caption = f"{mode}, {settings}"
     notes = [f"eq. accept len: n x new tokens / cycles, {accept_length_meaning(report['stages'])}"] if spd_pipeline \
         else [TOKENS_PER_TARGET_PASS]
-    if timed:
+    if timed and mode != REFERENCE_MODE:
         notes.append(f"wall ratio: {mode} tok/s / vanilla tok/s" + (f"; {EAGER_WALL_CLOCK}" if spd_pipeline else ""))
     return "\n".join([caption, *_aligned(rows), *notes])
 
@@ -352,8 +357,7 @@ def format_modes_table(report: dict) -> str:
     rows = [header]
     for mode, section in report["modes"].items():
         for name, d in section["datasets"].items():
-            acceptance = f"{d['acceptance_rate']:.3f}" if d["accepted"] + d["rejected"] else "n/a"
-            rows.append((mode, name, str(d["prompts"]), _lossless_cell(d), acceptance,
+            rows.append((mode, name, str(d["prompts"]), _lossless_cell(d), _acceptance_cell(d),
                          f"{d['tokens_per_target_pass']:.2f}", f"{d['theoretical_speedup']:.2f}",
                          f"{d[f'{mode}_tokens_per_s']:.1f}", f"{d['wall_clock_ratio']:.2f}"))
     caption = (f"{', '.join(report['modes'])} on the same prompts, T={report['temperature']}, "
