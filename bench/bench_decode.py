@@ -34,10 +34,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import random_model  # noqa: E402  (bench/ is not a package)
 
-from spd_engine.decode import VanillaStep, cache_capacity, generate_vanilla, prefill  # noqa: E402
+from spd_engine.decode import cache_capacity, generate_vanilla, prefill  # noqa: E402
 from spd_engine.pdm import PDM  # noqa: E402
 from spd_engine.sampling import SamplingParams  # noqa: E402
-from spd_engine.spd import SPDState, run_spd  # noqa: E402
+from spd_engine.modes.base import run_decoder  # noqa: E402
+from spd_engine.modes.vanilla import VanillaStep  # noqa: E402
+from spd_engine.spd import SPDState  # noqa: E402
 from spd_engine.stages import partition_layers  # noqa: E402
 
 VARIANTS = ("eager", "graph", "hf", "compile", "spd")
@@ -103,7 +105,7 @@ def weight_bytes(model) -> int:
 
 def time_vanilla(model, prompt_ids, tokens, graph: str) -> dict:
     out = generate_vanilla(model, prompt_ids, tokens, GREEDY, eos_ids=(), graph=graph)
-    return {"tokens_per_s": out.stats["decode_tokens_per_s"], "graph": out.stats["graph"]}
+    return {"tokens_per_s": out.stats.decode_tokens_per_s, "graph": out.stats.graph}
 
 
 def time_compiled(model, prompt_ids, tokens, backend: str) -> dict:
@@ -113,7 +115,7 @@ def time_compiled(model, prompt_ids, tokens, backend: str) -> dict:
     compiled = torch.compile(step.step, backend=backend, fullgraph=True,
                              **({"mode": "reduce-overhead"} if backend == "inductor" else {}))
     with torch.inference_mode():
-        step.start(prefill(model, cache, prompt_ids).argmax(-1))
+        step.start(prefill(model, cache, prompt_ids).argmax(-1), len(prompt_ids))
         for _ in range(3):  # compile + record
             compiled()
         synchronize(model.device)
@@ -142,20 +144,18 @@ def time_hf(hf, prompt_ids, tokens, device) -> dict:
 
 
 def time_spd(model, prompt_ids, tokens, stages: int, graph: str, pattern=None) -> dict:
-    from spd_engine.runtime.graph import READBACK_EVERY, graphed_cycle, use_graphs
+    from spd_engine.runtime.graph import readback_every, use_graphs
 
     pdm = PDM.create(model, partition_layers(model.config.num_layers, stages))
     graphed = use_graphs(graph, model.device)
-    readback = READBACK_EVERY if graphed else 1
+    readback = readback_every(graphed)
     capacity = cache_capacity(len(prompt_ids), tokens, extra=stages + 2 + readback)
     state = (ForcedAcceptance(model, pdm, capacity, GREEDY, pattern=pattern) if pattern is not None
              else SPDState(model, pdm, capacity, GREEDY))
-    out = run_spd(state, prompt_ids, tokens, eos_ids=(), readback_every=readback,
-                  runner=(lambda: graphed_cycle(state)) if graphed else None)
-    s = out.stats
-    return {"stages": stages, "graph": graphed, "cycle_seconds": s["cycle_seconds"], "cycles": s["cycles"],
-            "new_tokens": s["new_tokens"], "acceptance_rate": s["acceptance_rate"],
-            "cycles_per_token": s["cycles"] / max(s["new_tokens"] - 1, 1)}
+    s = run_decoder(state, "spd", prompt_ids, tokens, GREEDY, eos_ids=(), graphed=graphed, readback=readback).stats
+    return {"stages": stages, "graph": graphed, "cycle_seconds": s.step_seconds, "cycles": s.cycles,
+            "new_tokens": s.new_tokens, "acceptance_rate": s.acceptance_rate,
+            "cycles_per_token": s.cycles / max(s.new_tokens - 1, 1)}
 
 
 def median_of(fn, repeats: int) -> dict:

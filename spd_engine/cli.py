@@ -7,7 +7,7 @@ import json
 import sys
 
 from .errors import UserError
-from .stages import stage_layers_arg
+from .modes import MODE_NAMES, REFERENCE_MODE, all_modes
 
 EXIT_USER_ERROR = 2
 
@@ -51,35 +51,52 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own choice)")
 
 
-def _add_spd_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stages", type=int, default=None, help="number of pipeline stages n (1..L)")
-    p.add_argument("--stage-layers", type=stage_layers_arg, default=None,
-                   help="explicit layers per stage, e.g. 8,8,7,7")
-    p.add_argument("--pdm", default=None, help="draft module checkpoint directory, or 'untrained'")
+class _FirstDefinition:
+    """The parser as a mode's ``add_arguments`` sees it: a flag another mode has defined already (modes may
+    share one, such as a draft checkpoint) keeps its first definition."""
+
+    def __init__(self, parser: argparse.ArgumentParser):
+        self.parser = parser
+
+    def add_argument(self, *flags, **kwargs):
+        if not any(flag in self.parser._option_string_actions for flag in flags):
+            self.parser.add_argument(*flags, **kwargs)
+
+
+def add_decoding_args(p: argparse.ArgumentParser, default_mode: str) -> None:
+    """--mode, --graph and every mode's own flags (each mode checks that it was given only its own)."""
+    p.add_argument("--mode", choices=MODE_NAMES, default=default_mode,
+                   help="; ".join(f"{mode.name}: {mode.summary}" for mode in all_modes()))
     p.add_argument("--graph", choices=["auto", "on", "off"], default="auto",
-                   help="replay each decode step / SPD cycle as a CUDA graph, with a stream per stage "
-                        "(auto: on a CUDA device)")
+                   help="replay each decode step / cycle as a CUDA graph, with a stream per pipeline stage "
+                        "(auto: on a CUDA device, for the modes whose cycle can be captured)")
+    for mode in all_modes():
+        mode.add_arguments(_FirstDefinition(p))
+
+
+def mode_options(args) -> dict:
+    """Every mode's options as parsed (None: not given); Engine.generate rejects those of another mode."""
+    return {keyword: getattr(args, keyword) for mode in all_modes() for keyword in mode.options}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="spd-engine", description="Speculative Pipeline Decoding engine")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate text (vanilla or SPD)")
+    gen = sub.add_parser("generate", help="generate text in any decoding mode")
     _add_model_args(gen)
-    _add_spd_args(gen)
+    add_decoding_args(gen, default_mode=REFERENCE_MODE)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn in the chat template")
     gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--mode", choices=["vanilla", "spd"], default="vanilla")
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     gen.add_argument("--no-compare", dest="compare", action="store_false",
-                     help="--mode spd without --json also runs vanilla decoding and prints both side by side; "
-                          "this skips that run")
+                     help="a --mode other than vanilla, without --json, also runs vanilla decoding and prints "
+                          "both side by side; this skips that run")
     gen.add_argument("--distributed", action="store_true", help="run under torchrun, one rank per stage")
     importlib.import_module("spd_engine.runtime.distributed").add_arguments(gen)
     gen.set_defaults(func=cmd_generate)
@@ -117,52 +134,44 @@ def cmd_generate(args) -> int:
     stream = None if args.json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     settings = dict(chat=args.chat, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, graph=args.graph)
-    out = engine.generate(args.prompt, mode=args.mode, stages=args.stages, stage_layers=args.stage_layers,
-                          pdm=args.pdm, stream=stream, **settings)
+    out = engine.generate(args.prompt, mode=args.mode, stream=stream, **settings, **mode_options(args))
     if args.json:
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "prompt_ids": out.prompt_ids,
-                          "stats": out.stats}))
+                          "stats": out.stats.to_json()}))
         return 0
     if not out.text.endswith("\n"):
         print(flush=True)  # the streamed text ends with a newline
-    if args.mode == "vanilla" or not args.compare:
+    if args.mode == REFERENCE_MODE or not args.compare:
         print(_run_line(out.stats), file=sys.stderr)
         return 0
-    print("spd-engine: running vanilla decoding on the same prompt to compare (--no-compare skips this)",
+    print(f"spd-engine: running {REFERENCE_MODE} decoding on the same prompt to compare (--no-compare skips this)",
           file=sys.stderr, flush=True)
-    vanilla = engine.generate(args.prompt, **settings)
-    print(spd_vs_vanilla(out, vanilla, args.temperature), file=sys.stderr)
+    vanilla = engine.generate(args.prompt, mode=REFERENCE_MODE, **settings)
+    print(compare_with_vanilla(out, vanilla, args.temperature), file=sys.stderr)
     return 1 if args.temperature == 0 and vanilla.token_ids != out.token_ids else 0
 
 
-def _run_line(stats: dict) -> str:
-    return f"[{stats['mode']}] {stats['new_tokens']} tokens in {stats['seconds']:.2f}s ({stats['tokens_per_s']:.1f} tok/s)"
+def _run_line(stats) -> str:
+    return f"[{stats.mode}] {stats.new_tokens} tokens in {stats.seconds:.2f}s ({stats.tokens_per_s:.1f} tok/s)"
 
 
-def spd_vs_vanilla(spd, vanilla, temperature: float) -> str:
-    """The main job's summary: both runs side by side, what the acceptance is worth, and what the wall clock of
-    this eager single-process run does and does not say."""
-    from .evaluate import EAGER_WALL_CLOCK, accept_length_meaning
-
-    s, v = spd.stats, vanilla.stats
-    n = s["stages"]
+def compare_with_vanilla(out, vanilla, temperature: float) -> str:
+    """The main job's summary: a mode's run beside vanilla decoding's, and what its numbers mean (the mode's
+    stats say, e.g. for SPD what the acceptance is worth and what this eager run's wall clock does not say)."""
+    s, v = out.stats, vanilla.stats
+    name = s.title or s.mode
     if temperature == 0:
-        same = "yes (greedy SPD is lossless)" if spd.token_ids == vanilla.token_ids else \
-            "NO (greedy SPD must equal vanilla decoding: a bug, please report it)"
+        same = f"yes (greedy {name} is lossless)" if out.token_ids == vanilla.token_ids else \
+            f"NO (greedy {name} must equal vanilla decoding: a bug, please report it)"
     else:
-        same = f"not compared at T={temperature:g}: sampling SPD has vanilla's distribution, not its draws"
-    rows = [("", "vanilla", f"SPD, n={n}"),
-            ("new tokens", str(v["new_tokens"]), str(s["new_tokens"])),
-            ("wall clock", f"{v['seconds']:.2f} s", f"{s['seconds']:.2f} s"),
-            ("tokens/s", f"{v['tokens_per_s']:.1f}", f"{s['tokens_per_s']:.1f}")]
+        same = f"not compared at T={temperature:g}: sampling {name} has vanilla's distribution, not its draws"
+    rows = [("", "vanilla", s.comparison_heading()),
+            ("new tokens", str(v.new_tokens), str(s.new_tokens)),
+            ("wall clock", f"{v.seconds:.2f} s", f"{s.seconds:.2f} s"),
+            ("tokens/s", f"{v.tokens_per_s:.1f}", f"{s.tokens_per_s:.1f}")]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     table = [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows]
-    verified = s["accepted_drafts"] + s["rejected_drafts"]
-    return "\n".join(table + [
-        f"same tokens as vanilla: {same}",
-        f"acceptance: {s['acceptance_rate']:.3f} ({s['accepted_drafts']} of {verified} drafts accepted)",
-        f"equivalent accept length: {s['equivalent_accept_length']:.2f}, {accept_length_meaning(n)}",
-        f"note: {EAGER_WALL_CLOCK}"])
+    return "\n".join(table + [f"same tokens as vanilla: {same}", *s.comparison_notes()])
 
 
 def cmd_convert(args) -> int:

@@ -1,9 +1,9 @@
-"""The Python API: load a model once, then generate in vanilla or SPD mode.
+"""The Python API: load a model once, then generate in any decoding mode (:mod:`spd_engine.modes`).
 
     from spd_engine import Engine
     engine = Engine.load("default")
     result = engine.generate("Name three rivers.", chat=True, max_new_tokens=64, mode="spd", stages=4)
-    print(result.text, result.stats)
+    print(result.text, result.stats.to_json())
 """
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ from typing import Callable
 import torch
 
 from .config import DTYPES
-from .decode import GenerationResult, generate_vanilla
 from .errors import UserError
 from .model import Model
+from .modes import check_options, mode_class
+from .modes.base import DecodingMode, GenerationResult, run_decoder
+from .runtime.graph import readback_every, use_graphs
 from .sampling import SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
 from .weights import resolve_model_path
-
-MODES = ("vanilla", "spd")
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -57,6 +57,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.model_dir = model_dir
         self.model_spec = model_spec or str(model_dir)
+        self._modes: dict[tuple, DecodingMode] = {}
 
     @classmethod
     def load(cls, model: str = "default", device: str | None = None, dtype: str | None = None,
@@ -93,19 +94,30 @@ class Engine:
             raise UserError(f"prompt ({prompt_len} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the "
                             f"model's context of {limit} tokens")
 
+    def decoding_mode(self, name: str, **options) -> DecodingMode:
+        """The mode ``name`` with ``options`` (None: not given; another mode's option is a one-line error),
+        made once per engine and options, so its drafts load once however many prompts follow."""
+        mode = mode_class(name)
+        given = {keyword: value for keyword, value in options.items() if value is not None}
+        check_options(mode, given)
+        key = (name, tuple((keyword, tuple(value) if isinstance(value, list) else value)
+                           for keyword, value in sorted(given.items())))
+        if key not in self._modes:
+            self._modes[key] = mode(self, **given)
+        return self._modes[key]
+
     def generate(self, prompt: str | None = None, *, prompt_ids: list[int] | None = None, chat: bool = False,
-                 max_new_tokens: int = 128, mode: str = "vanilla", stages: int | None = None,
-                 stage_layers: list[int] | None = None, pdm=None, temperature: float = 0.0, top_k: int = 0,
+                 max_new_tokens: int = 128, mode: str = "vanilla", temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, ignore_eos: bool = False,
-                 stream: Callable[[str], None] | None = None, graph: str = "auto") -> Output:
+                 stream: Callable[[str], None] | None = None, graph: str = "auto", **mode_options) -> Output:
         """Generate up to ``max_new_tokens``; stops at the model's end-of-turn/EOS (kept in the output) unless
-        ``ignore_eos`` (benchmarks want a fixed token count). ``graph`` (auto | on | off): CUDA graphs, see
-        :mod:`spd_engine.runtime.graph`."""
-        if mode not in MODES:
-            raise UserError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")
-        if mode == "vanilla" and (pdm is not None or stages is not None or stage_layers):
-            raise UserError("--pdm, --stages and --stage-layers apply to --mode spd only; add --mode spd, or drop "
-                            "them for plain decoding")
+        ``ignore_eos`` (benchmarks want a fixed token count). ``mode_options`` are the mode's own (SPD:
+        ``stages``, ``stage_layers``, ``pdm``). ``graph`` (auto | on | off): CUDA graphs, see
+        :mod:`spd_engine.runtime.graph`; auto runs a mode whose cycle cannot be captured eagerly."""
+        decoding = self.decoding_mode(mode, **mode_options)
+        if graph == "on" and not decoding.capturable:
+            raise UserError(f"--graph on: --mode {mode} has no capturable cycle; use --graph auto or off")
+        graphed = use_graphs(graph, self.model.device) and decoding.capturable
         params = SamplingParams(temperature, top_k, top_p, seed)
         if prompt_ids is None:
             if prompt is None:
@@ -115,15 +127,10 @@ class Engine:
         streamer = StreamDecoder(self.tokenizer) if stream else None
         on_tokens = (lambda ids: stream(streamer.push(ids))) if stream else None
         eos_ids = set() if ignore_eos else self.eos_ids
-        if mode == "vanilla":
-            result = generate_vanilla(self.model, prompt_ids, max_new_tokens, params, eos_ids, on_tokens,
-                                      graph=graph)
-        else:
-            from .spd import generate_spd, resolve_pdm
-
-            draft = resolve_pdm(self, pdm, stages=stages, stage_layers=stage_layers)
-            result = generate_spd(self.model, draft, prompt_ids, max_new_tokens, params, eos_ids, on_tokens,
-                                  graph=graph)
+        readback = readback_every(graphed)
+        decoder = decoding.decoder(len(prompt_ids), max_new_tokens, params, readback)
+        result = run_decoder(decoder, mode, prompt_ids, max_new_tokens, params, eos_ids, on_tokens, graphed=graphed,
+                             readback=readback)
         # token_ids keep the end-of-turn token; the text is what a reader sees, without special tokens.
         return Output(result.prompt_ids, result.token_ids, result.stats, result.trace,
                       text=self.tokenizer.decode(result.token_ids, skip_special_tokens=True))

@@ -1,12 +1,17 @@
-"""Acceptance and losslessness of SPD over prompt sets (EAGLE ``question.jsonl`` format).
+"""Acceptance, losslessness and speed of the decoding modes over prompt sets (EAGLE ``question.jsonl`` format).
 
     spd-engine eval --stages 4 --pdm DIR --data mt_bench.jsonl gsm8k.jsonl --limit 10 --max-new-tokens 64 --out r.json
+    spd-engine eval --modes vanilla,spd --stages 4 --data sample --limit 4 --out modes.json
 
-Each prompt is the record's first turn under the model's chat template. It runs in vanilla mode and in SPD
-mode; at temperature 0 the two must produce the same token ids (``lossless``). Per dataset it reports the
-acceptance rate (accepted / verified drafts), the equivalent accept length (n × new tokens / cycles, the
-paper's "theoretical speedup"), both modes' tokens per second and their wall-clock ratio on this device.
-Those two speedups are different numbers and are reported side by side, never mixed.
+Each prompt is the record's first turn under the model's chat template. It runs in vanilla mode (the reference)
+and in each mode evaluated; at temperature 0 a mode must produce vanilla's token ids (``lossless``). Per dataset
+it reports the acceptance rate (accepted / verified drafts), tokens per target pass and the mode's theoretical
+speedup (for SPD both are the equivalent accept length, n × new tokens / cycles), both runs' tokens per second
+and their wall-clock ratio on this device. Those speedups are different numbers and are reported side by side,
+never mixed.
+
+``--mode M`` (default spd) writes M's report: its settings, then per dataset the totals and every prompt
+(trace included). ``--modes A,B,...`` runs several modes on the same prompts and writes one section per mode.
 """
 from __future__ import annotations
 
@@ -17,14 +22,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .decode import generate_vanilla
 from .errors import UserError
 from .jsonl import read_jsonl, write_text_atomic
+from .modes import MODE_NAMES, REFERENCE_MODE, check_options, mode_class
+from .modes.spd import EAGER_WALL_CLOCK, accept_length_meaning, describe_pdm, spd_totals
 from .sampling import SamplingParams
-from .spd import generate_spd, resolve_pdm
+from .spd import resolve_pdm
 from .teacher_forced import evaluate_teacher_forced, target_answers
 
 METHODS = ("spd", "teacher-forced")
+TEACHER_FORCED_MODE = "spd"  # teacher forcing replays SPD's cycle from the target's answer (teacher_forced.py)
 SAMPLE_PROMPTS = Path(__file__).parent / "prompts" / "sample.jsonl"  # `--data sample`: ships with the package
 WARMUP_TOKENS = 8  # one short untimed run per mode first, so one-time setup costs do not land on prompt 1
 
@@ -56,52 +63,73 @@ def _first_mismatch(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def evaluate_prompt(engine, pdm, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
-                    graph: str = "auto") -> dict:
-    """One prompt in both modes. ``lossless`` is checked at temperature 0 only (None otherwise)."""
-    vanilla = generate_vanilla(engine.model, prompt_ids, max_new_tokens, params, engine.eos_ids, graph=graph)
-    spd = generate_spd(engine.model, pdm, prompt_ids, max_new_tokens, params, engine.eos_ids, graph=graph)
-    stats = spd.stats
-    mismatch = _first_mismatch(vanilla.token_ids, spd.token_ids) if params.greedy else None
-    return {
-        "prompt_tokens": len(prompt_ids),
-        "new_tokens": stats["new_tokens"],
-        "cycles": stats["cycles"],
-        "accepted": stats["accepted_drafts"],
-        "rejected": stats["rejected_drafts"],
-        "lossless": (mismatch is None) if params.greedy else None,
-        "first_mismatch": mismatch,
-        "trace": "".join("A" if accepted else "R" for accepted in spd.trace),
-        "vanilla_new_tokens": vanilla.stats["new_tokens"],
-        "vanilla_seconds": vanilla.stats["seconds"],
-        "spd_seconds": stats["seconds"],
-    }
+def evaluate_prompt(engine, modes: dict[str, dict], prompt_ids: list[int], max_new_tokens: int,
+                    params: SamplingParams, graph: str = "auto") -> dict[str, dict]:
+    """One prompt in vanilla decoding and in each of ``modes`` ({name: its options}): one row per mode.
+    ``lossless`` is checked at temperature 0 only (None otherwise)."""
+    def run(name: str, options: dict):
+        return engine.generate(prompt_ids=prompt_ids, mode=name, max_new_tokens=max_new_tokens,
+                               temperature=params.temperature, seed=params.seed, graph=graph, **options)
+
+    reference = run(REFERENCE_MODE, {})
+    rows = {}
+    for name, options in modes.items():
+        result = reference if name == REFERENCE_MODE else run(name, options)
+        stats = result.stats
+        mismatch = _first_mismatch(reference.token_ids, result.token_ids) if params.greedy else None
+        accepted = sum(result.trace)
+        rows[name] = {
+            "prompt_tokens": len(prompt_ids),
+            "new_tokens": stats.new_tokens,
+            **engine.decoding_mode(name, **options).eval_row(stats),
+            "accepted": accepted,
+            "rejected": len(result.trace) - accepted,
+            "tokens_per_target_pass": stats.tokens_per_target_pass,
+            "theoretical_speedup": stats.theoretical_speedup,
+            "lossless": (mismatch is None) if params.greedy else None,
+            "first_mismatch": mismatch,
+            "trace": "".join("A" if verdict else "R" for verdict in result.trace),
+            "vanilla_new_tokens": reference.stats.new_tokens,
+            "vanilla_seconds": reference.stats.seconds,
+            f"{name}_seconds": stats.seconds,
+        }
+    return rows
 
 
-def summarize(prompts: list[dict], stages: int) -> dict:
-    """Dataset totals: rates are ratios of sums over prompts (not means of per-prompt rates). Speeds only
-    where the prompts were timed (``--method spd``)."""
+def _tokens_per_cost(prompts: list[dict], rate: str) -> float:
+    """A per-token rate (tokens per target pass, a speedup) over a dataset: all tokens over all cost, a
+    prompt's cost being its tokens / its rate (so it is a ratio of sums, as every dataset rate here)."""
+    tokens = sum(p["new_tokens"] for p in prompts)
+    cost = sum(p["new_tokens"] / p[rate] for p in prompts if p[rate])
+    return tokens / cost if cost else 0.0
+
+
+def summarize(prompts: list[dict], mode: str) -> dict:
+    """``mode``'s dataset totals: rates are ratios of sums over prompts (not means of per-prompt rates).
+    Speeds only where the prompts were timed (not teacher-forced)."""
     accepted, rejected = sum(p["accepted"] for p in prompts), sum(p["rejected"] for p in prompts)
-    new_tokens, cycles = sum(p["new_tokens"] for p in prompts), sum(p["cycles"] for p in prompts)
+    new_tokens = sum(p["new_tokens"] for p in prompts)
     checked = [p["lossless"] for p in prompts if p["lossless"] is not None]
     totals = {
         "prompts": len(prompts),
         "lossless": all(checked) if checked else None,
         "lossless_prompts": sum(checked),
         "new_tokens": new_tokens,
-        "cycles": cycles,
         "accepted": accepted,
         "rejected": rejected,
-        "acceptance_rate": accepted / (accepted + rejected) if accepted + rejected else 0.0,
-        "equivalent_accept_length": stages * new_tokens / cycles if cycles else 0.0,
+        "acceptance_rate": accepted / (accepted + rejected) if accepted + rejected else None,  # None: no drafts
     }
+    if prompts and "tokens_per_target_pass" in prompts[0]:
+        totals.update(tokens_per_target_pass=_tokens_per_cost(prompts, "tokens_per_target_pass"),
+                      theoretical_speedup=_tokens_per_cost(prompts, "theoretical_speedup"))
     if prompts and "vanilla_seconds" in prompts[0]:
         vanilla_tokens = sum(p["vanilla_new_tokens"] for p in prompts)
-        vanilla_seconds, spd_seconds = sum(p["vanilla_seconds"] for p in prompts), sum(p["spd_seconds"] for p in prompts)
+        vanilla_seconds = sum(p["vanilla_seconds"] for p in prompts)
+        mode_seconds = sum(p[f"{mode}_seconds"] for p in prompts)
         vanilla_tps = vanilla_tokens / vanilla_seconds if vanilla_seconds else 0.0
-        spd_tps = new_tokens / spd_seconds if spd_seconds else 0.0
-        totals.update(vanilla_tokens_per_s=vanilla_tps, spd_tokens_per_s=spd_tps,
-                      wall_clock_ratio=spd_tps / vanilla_tps if vanilla_tps else 0.0)
+        mode_tps = new_tokens / mode_seconds if mode_seconds else 0.0
+        totals.update({"vanilla_tokens_per_s": vanilla_tps, f"{mode}_tokens_per_s": mode_tps,
+                       "wall_clock_ratio": mode_tps / vanilla_tps if vanilla_tps else 0.0})
     return totals
 
 
@@ -110,14 +138,10 @@ def _dataset_name(path: str, taken) -> str:
     return str(path) if name in taken else name  # same file name in two folders: keep both
 
 
-def _report_header(engine, draft, pdm_spec, method: str, params: SamplingParams, max_new_tokens: int) -> dict:
+def _report_header(engine, method: str, params: SamplingParams, max_new_tokens: int, settings: dict) -> dict:
     return {"model": engine.model_spec, "device": str(engine.model.device),
-            "dtype": str(engine.model.dtype).replace("torch.", ""), "pdm": str(pdm_spec) if pdm_spec else "default",
-            "method": method, "stages": draft.config.stages,
-            "stage_layers": [b - a for a, b in draft.config.stage_bounds], "anchors": draft.config.anchors,
-            "tower_layers": draft.config.tower_layers, "draft_vocab": draft.config.draft_vocab_size,
-            "temperature": params.temperature, "seed": params.seed, "max_new_tokens": max_new_tokens,
-            "datasets": {}}
+            "dtype": str(engine.model.dtype).replace("torch.", ""), "method": method, **settings,
+            "temperature": params.temperature, "seed": params.seed, "max_new_tokens": max_new_tokens}
 
 
 def _load_prompts(engine, datasets: list[str], limit: int | None, max_new_tokens: int):
@@ -133,41 +157,97 @@ def _load_prompts(engine, datasets: list[str], limit: int | None, max_new_tokens
     return question_sets, encoded
 
 
-def evaluate(engine, datasets: list[str], *, pdm=None, stages: int | None = None,
-             stage_layers: list[int] | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
-             seed: int | None = None, limit: int | None = None, method: str = "spd",
-             answers_cache: str | Path | None = None, progress: bool = True, graph: str = "auto") -> dict:
-    """Every dataset's prompts in vanilla and SPD mode (``method="spd"``), or teacher-forced; returns the full
-    report (per prompt and per dataset). ``pdm`` is a PDM directory, ``"untrained"`` or None (the model's
-    shipped PDM), as for generate. ``graph``: CUDA graphs for both modes, as for generate."""
+def _selected_modes(engine, names: list[str], options: dict) -> dict[str, dict]:
+    """{mode: its own options (those given)}. An option no selected mode takes is the one-line error naming
+    the mode it belongs to; every mode is made (its drafts loaded and checked) before anything runs."""
+    classes = {name: mode_class(name) for name in names}
+    given = {keyword: value for keyword, value in options.items() if value is not None}
+    for keyword in given:
+        if not any(keyword in mode.options for mode in classes.values()):
+            check_options(next(iter(classes.values())), [keyword])  # raises
+    selected = {name: {keyword: value for keyword, value in given.items() if keyword in mode.options}
+                for name, mode in classes.items()}
+    for name, own in selected.items():
+        engine.decoding_mode(name, **own)
+    return selected
+
+
+def _run_modes(engine, modes: dict[str, dict], question_sets: dict, encoded: dict, max_new_tokens: int,
+               params: SamplingParams, graph: str, progress: bool) -> dict[str, dict[str, list[dict]]]:
+    """{mode: {path: per-prompt rows}}: every prompt runs once in vanilla decoding and once in each mode."""
+    first = next(iter(encoded.values()))[0]
+    evaluate_prompt(engine, modes, first, min(WARMUP_TOKENS, max_new_tokens), params, graph)
+    rows: dict[str, dict[str, list[dict]]] = {name: {path: [] for path in encoded} for name in modes}
+    total = sum(len(prompts) for prompts in encoded.values())
+    with tqdm(total=total, desc="eval", unit="prompt", disable=not progress, file=sys.stderr) as bar:
+        for path, questions in question_sets.items():
+            for question, ids in zip(questions, encoded[path]):
+                for name, row in evaluate_prompt(engine, modes, ids, max_new_tokens, params, graph).items():
+                    rows[name][path].append({"question_id": question["question_id"], **row})
+                bar.update(1)
+                bar.set_postfix({f"{name} accept": _acceptance_cell(summarize(rows[name][path], name))
+                                 for name in modes})
+    return rows
+
+
+def _datasets(engine, name: str, options: dict, rows: dict[str, list[dict]]) -> dict:
+    """One mode's section of a report, per dataset: the totals, then every prompt."""
+    mode = engine.decoding_mode(name, **options)
+    datasets: dict[str, dict] = {}
+    for path, prompts in rows.items():
+        datasets[_dataset_name(path, datasets)] = {
+            "path": str(path), **summarize(prompts, name), **mode.eval_totals(prompts),
+            "predicted_multi_device_speedup": mode.predicted_multi_device_speedup(prompts), "per_prompt": prompts}
+    return datasets
+
+
+def evaluate(engine, datasets: list[str], *, mode: str = "spd", max_new_tokens: int = 256,
+             temperature: float = 0.0, seed: int | None = None, limit: int | None = None, method: str = "spd",
+             answers_cache: str | Path | None = None, progress: bool = True, graph: str = "auto",
+             **mode_options) -> dict:
+    """Every dataset's prompts in vanilla decoding and in ``mode`` (``method="spd"``: really run), or
+    teacher-forced (SPD only); returns the full report (per prompt and per dataset). ``mode_options`` are
+    the mode's own, as for :meth:`Engine.generate` (SPD: ``pdm`` a PDM directory, ``"untrained"`` or None for
+    the model's shipped PDM; ``stages``; ``stage_layers``). ``graph``: CUDA graphs for both runs."""
     if method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)}, got '{method}'")
     if method == "teacher-forced":
-        return evaluate_teacher_forced_many(engine, datasets, [pdm], stages=stages, stage_layers=stage_layers,
+        if mode != TEACHER_FORCED_MODE:
+            raise UserError(f"--method teacher-forced replays SPD's cycle: use it with --mode {TEACHER_FORCED_MODE}")
+        check_options(mode_class(mode), [keyword for keyword, value in mode_options.items() if value is not None])
+        return evaluate_teacher_forced_many(engine, datasets, [mode_options.get("pdm")],
+                                            stages=mode_options.get("stages"),
+                                            stage_layers=mode_options.get("stage_layers"),
                                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                                             limit=limit, answers_cache=answers_cache, progress=progress)[0]
     if answers_cache is not None:
         raise UserError("--answers-cache is for --method teacher-forced")
     params = SamplingParams(temperature, seed=seed)
     question_sets, encoded = _load_prompts(engine, datasets, limit, max_new_tokens)
-    draft = resolve_pdm(engine, pdm, stages=stages, stage_layers=stage_layers)
-    n = draft.config.stages
-    first = next(iter(encoded.values()))[0]
-    evaluate_prompt(engine, draft, first, min(WARMUP_TOKENS, max_new_tokens), params, graph)
-
-    report = _report_header(engine, draft, pdm, method, params, max_new_tokens)
-    total = sum(len(prompts) for prompts in encoded.values())
+    modes = _selected_modes(engine, [mode], mode_options)
     started = time.perf_counter()
-    with tqdm(total=total, desc="eval", unit="prompt", disable=not progress, file=sys.stderr) as bar:
-        for path, questions in question_sets.items():
-            results = []
-            for question, ids in zip(questions, encoded[path]):
-                results.append({"question_id": question["question_id"],
-                                **evaluate_prompt(engine, draft, ids, max_new_tokens, params, graph)})
-                bar.update(1)
-                bar.set_postfix(accept=f"{summarize(results, n)['acceptance_rate']:.3f}")
-            name = _dataset_name(path, report["datasets"])
-            report["datasets"][name] = {"path": str(path), **summarize(results, n), "per_prompt": results}
+    rows = _run_modes(engine, modes, question_sets, encoded, max_new_tokens, params, graph, progress)
+    settings = {"mode": mode, **engine.decoding_mode(mode, **modes[mode]).describe()}
+    report = _report_header(engine, method, params, max_new_tokens, settings)
+    report["datasets"] = _datasets(engine, mode, modes[mode], rows[mode])
+    report["seconds"] = time.perf_counter() - started
+    return report
+
+
+def evaluate_modes(engine, datasets: list[str], modes: list[str], *, max_new_tokens: int = 256,
+                   temperature: float = 0.0, seed: int | None = None, limit: int | None = None,
+                   progress: bool = True, graph: str = "auto", **mode_options) -> dict:
+    """Several modes on the same prompts (each prompt also once in vanilla decoding, the reference): one
+    report with a section per mode, each as :func:`evaluate` reports that mode alone."""
+    params = SamplingParams(temperature, seed=seed)
+    question_sets, encoded = _load_prompts(engine, datasets, limit, max_new_tokens)
+    selected = _selected_modes(engine, list(dict.fromkeys(modes)), mode_options)
+    started = time.perf_counter()
+    rows = _run_modes(engine, selected, question_sets, encoded, max_new_tokens, params, graph, progress)
+    report = _report_header(engine, "spd", params, max_new_tokens, {"modes": {}})
+    for name, options in selected.items():
+        report["modes"][name] = {**engine.decoding_mode(name, **options).describe(),
+                                 "datasets": _datasets(engine, name, options, rows[name])}
     report["seconds"] = time.perf_counter() - started
     return report
 
@@ -209,56 +289,103 @@ def evaluate_teacher_forced_many(engine, datasets: list[str], pdms: list, *, sta
     seconds = time.perf_counter() - started
     reports = []
     for spec, draft, per_set in zip(pdms, drafts, results):
-        report = _report_header(engine, draft, spec, "teacher-forced", params, max_new_tokens)
+        settings = {"mode": TEACHER_FORCED_MODE, **describe_pdm(spec, draft)}
+        report = _report_header(engine, "teacher-forced", params, max_new_tokens, settings)
+        report["datasets"] = {}
         for path, per_prompt in per_set.items():
             rows = [{"question_id": q["question_id"], **r} for q, r in zip(question_sets[path], per_prompt)]
             report["datasets"][_dataset_name(path, report["datasets"])] = {
-                "path": str(path), **summarize(rows, draft.config.stages), "per_prompt": rows}
+                "path": str(path), **summarize(rows, TEACHER_FORCED_MODE), **spd_totals(rows, draft.config.stages),
+                "per_prompt": rows}
         report["seconds"] = seconds
         reports.append(report)
     return reports
 
 
-def accept_length_meaning(stages: int) -> str:
-    """What the equivalent accept length is worth, in the words every summary uses."""
-    return (f"the speedup over vanilla that {stages} devices (one stage each) or the graphed GPU path would give at "
-            "this acceptance, before draft and link costs")
+def _aligned(rows: list[tuple]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+            for row in rows]
 
 
-# Why the eager run's own wall clock says nothing about SPD's speed.
-EAGER_WALL_CLOCK = ("this eager single-process run executes the stages one after another, so its wall clock checks "
-                    "correctness, not speed; SPD is fast only when the stages run at the same time")
+def _lossless_cell(d: dict) -> str:
+    return "n/a" if d["lossless"] is None else f"{d['lossless_prompts']}/{d['prompts']}"
+
+
+def _acceptance_cell(d: dict) -> str:
+    return "n/a" if d["acceptance_rate"] is None else f"{d['acceptance_rate']:.3f}"
 
 
 def format_table(report: dict) -> str:
+    """One mode's report (:func:`evaluate`): a row per dataset."""
+    mode = report.get("mode", TEACHER_FORCED_MODE)
     timed = report.get("method", "spd") == "spd"
-    header = ("dataset", "prompts", "lossless", "acceptance", "eq. accept len") + \
-        (("vanilla tok/s", "spd tok/s", "wall ratio") if timed else ())
+    spd_pipeline = "equivalent_accept_length" in next(iter(report["datasets"].values()))
+    rates = ("eq. accept len",) if spd_pipeline else ("tok/target pass", "theor. speedup")
+    # The reference mode's own report has one speed: its run is the reference run.
+    speed_columns = ("vanilla tok/s",) + (() if mode == REFERENCE_MODE else (f"{mode} tok/s", "wall ratio"))
+    header = ("dataset", "prompts", "lossless", "acceptance", *rates) + (speed_columns if timed else ())
     rows = [header]
     for name, d in report["datasets"].items():
-        lossless = "n/a" if d["lossless"] is None else f"{d['lossless_prompts']}/{d['prompts']}"
-        speeds = (f"{d['vanilla_tokens_per_s']:.1f}", f"{d['spd_tokens_per_s']:.1f}",
-                  f"{d['wall_clock_ratio']:.2f}") if timed else ()
-        rows.append((name, str(d["prompts"]), lossless, f"{d['acceptance_rate']:.3f}",
-                     f"{d['equivalent_accept_length']:.2f}") + speeds)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    caption = (f"SPD n={report['stages']} (stage layers {','.join(map(str, report['stage_layers']))}), "
-               f"L_s={report['tower_layers']}, draft vocab {report['draft_vocab']}, T={report['temperature']}, "
-               f"max {report['max_new_tokens']} new tokens, {report['device']}" +
-               ("" if timed else "; teacher-forced: no pipeline ran, so no speeds and no lossless check"))
-    notes = [f"eq. accept len: n x new tokens / cycles, {accept_length_meaning(report['stages'])}"]
-    if timed:
-        notes.append(f"wall ratio: spd tok/s / vanilla tok/s; {EAGER_WALL_CLOCK}")
-    return "\n".join([caption, *lines, *notes])
+        rate_cells = (f"{d['equivalent_accept_length']:.2f}",) if spd_pipeline else \
+            (f"{d['tokens_per_target_pass']:.2f}", f"{d['theoretical_speedup']:.2f}")
+        speeds = (f"{d['vanilla_tokens_per_s']:.1f}", f"{d[f'{mode}_tokens_per_s']:.1f}",
+                  f"{d['wall_clock_ratio']:.2f}")[:len(speed_columns)] if timed else ()
+        rows.append((name, str(d["prompts"]), _lossless_cell(d), _acceptance_cell(d), *rate_cells) + speeds)
+    settings = f"T={report['temperature']}, max {report['max_new_tokens']} new tokens, {report['device']}"
+    if "stages" in report:  # an SPD pipeline (real or teacher-forced)
+        caption = (f"SPD n={report['stages']} (stage layers {','.join(map(str, report['stage_layers']))}), "
+                   f"L_s={report['tower_layers']}, draft vocab {report['draft_vocab']}, {settings}" +
+                   ("" if timed else "; teacher-forced: no pipeline ran, so no speeds and no lossless check"))
+    else:
+        caption = f"{mode}, {settings}"
+    notes = [f"eq. accept len: n x new tokens / cycles, {accept_length_meaning(report['stages'])}"] if spd_pipeline \
+        else [TOKENS_PER_TARGET_PASS]
+    if timed and mode != REFERENCE_MODE:
+        notes.append(f"wall ratio: {mode} tok/s / vanilla tok/s" + (f"; {EAGER_WALL_CLOCK}" if spd_pipeline else ""))
+    return "\n".join([caption, *_aligned(rows), *notes])
+
+
+TOKENS_PER_TARGET_PASS = ("tok/target pass: new tokens per full pass of the target's layers (vanilla 1, SPD n x new "
+                          "tokens / cycles); theor. speedup: the mode's paper's own measure, from these counts")
+
+
+def format_modes_table(report: dict) -> str:
+    """Several modes' report (:func:`evaluate_modes`): a row per mode and dataset, side by side."""
+    header = ("mode", "dataset", "prompts", "lossless", "acceptance", "tok/target pass", "theor. speedup", "tok/s",
+              "wall ratio")
+    rows = [header]
+    for mode, section in report["modes"].items():
+        for name, d in section["datasets"].items():
+            rows.append((mode, name, str(d["prompts"]), _lossless_cell(d), _acceptance_cell(d),
+                         f"{d['tokens_per_target_pass']:.2f}", f"{d['theoretical_speedup']:.2f}",
+                         f"{d[f'{mode}_tokens_per_s']:.1f}", f"{d['wall_clock_ratio']:.2f}"))
+    caption = (f"{', '.join(report['modes'])} on the same prompts, T={report['temperature']}, "
+               f"max {report['max_new_tokens']} new tokens, {report['device']}")
+    notes = [TOKENS_PER_TARGET_PASS,
+             "wall ratio: the mode's tok/s / vanilla tok/s in this process, on this device (lossless: same tokens "
+             "as vanilla at T=0)"]
+    return "\n".join([caption, *_aligned(rows), *notes])
+
+
+def modes_arg(text: str) -> list[str]:
+    """``--modes vanilla,spd``: registered mode names, comma-separated."""
+    import argparse
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in MODE_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated modes out of {', '.join(MODE_NAMES)}, got '{text}'")
+    return names
 
 
 def add_arguments(p) -> None:
-    from .cli import _add_model_args, _add_spd_args
+    from .cli import _add_model_args, add_decoding_args
 
     _add_model_args(p)
-    _add_spd_args(p)
+    add_decoding_args(p, default_mode=TEACHER_FORCED_MODE)
+    p.add_argument("--modes", type=modes_arg, default=None, metavar="A,B,...",
+                   help="run several modes on the same prompts and report them side by side (instead of --mode)")
     p.add_argument("--data", nargs="+", required=True, metavar="JSONL",
                    help="prompt sets in EAGLE question.jsonl format (first turn is used); 'sample' is a "
                         "12-prompt set shipped with the package")
@@ -267,9 +394,9 @@ def add_arguments(p) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--method", choices=METHODS, default="spd",
-                   help="spd: run vanilla and the real pipeline on every prompt (speeds, lossless check); "
-                        "teacher-forced: the same acceptance trace from the target's answer and one forward "
-                        "pass per prompt (fast; no speeds, no lossless check)")
+                   help="spd: run vanilla decoding and the mode itself on every prompt (speeds, lossless check); "
+                        "teacher-forced (--mode spd only): SPD's acceptance trace from the target's answer and one "
+                        "forward pass per prompt (fast; no speeds, no lossless check)")
     p.add_argument("--answers-cache", default=None, metavar="JSON",
                    help="teacher-forced: keep the target's answers in this file and reuse them when the prompts "
                         "and settings match (evaluating several PDMs then generates them once)")
@@ -278,19 +405,30 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     """Exit status 1 when any temperature-0 prompt was not lossless."""
+    from .cli import mode_options
     from .engine import Engine
 
+    if args.modes and (args.method != "spd" or args.answers_cache):
+        raise UserError("--modes runs every mode for real: drop --method teacher-forced and --answers-cache")
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
-    report = evaluate(engine, args.data, pdm=args.pdm, stages=args.stages, stage_layers=args.stage_layers,
-                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                      limit=args.limit, method=args.method,
-                      answers_cache=args.answers_cache, graph=args.graph)
-    print(format_table(report))
+    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                    limit=args.limit, graph=args.graph, **mode_options(args))
+    if args.modes:
+        report = evaluate_modes(engine, args.data, args.modes, **settings)
+        print(format_modes_table(report))
+        sections = {f"{mode} on {name}": d for mode, section in report["modes"].items()
+                    for name, d in section["datasets"].items()}
+    else:
+        report = evaluate(engine, args.data, mode=args.mode, method=args.method, answers_cache=args.answers_cache,
+                          **settings)
+        print(format_table(report))
+        sections = report["datasets"]
     if args.out:
         write_text_atomic(args.out, json.dumps(report, indent=1))
         print(f"wrote {args.out}", file=sys.stderr)
-    failed = [name for name, d in report["datasets"].items() if d["lossless"] is False]
+    failed = [name for name, d in sections.items() if d["lossless"] is False]
     if failed:
-        print(f"spd-engine: SPD output differs from vanilla at temperature 0 in: {', '.join(failed)}", file=sys.stderr)
+        print(f"spd-engine: output differs from vanilla decoding at temperature 0 in: {', '.join(failed)}",
+              file=sys.stderr)
         return 1
     return 0

@@ -1,4 +1,5 @@
-"""Speculative Pipeline Decoding: the cycle state, one cycle as one function, and the eager driver.
+"""Speculative Pipeline Decoding: the cycle state and one cycle as one function. The mode
+(:mod:`spd_engine.modes.spd`) and the driver (:func:`spd_engine.modes.base.run_decoder`) build on it.
 
 Fixed-shape state, all on the device (docs/ARCHITECTURE.md, "The cycle"):
 
@@ -12,20 +13,20 @@ Fixed-shape state, all on the device (docs/ARCHITECTURE.md, "The cycle"):
 
 ``SPDState.cycle`` contains no host synchronisation and no data-dependent shapes: accept, reject, flush and
 rollback are predicated tensor updates, so the same function can be captured in a CUDA graph or split
-across ranks. The host reads committed tokens back whenever it likes (every cycle in the eager driver).
+across ranks. The host reads committed tokens back whenever it likes (every cycle when eager).
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
-from .decode import GenerationResult, TokenCallback, cache_capacity, drain, stop_reached
+from .decode import cache_capacity
 from .errors import UserError
 from .model import Model
+from .modes.base import GenerationResult, TokenCallback, run_decoder
 from .pdm import PDM
 from .runtime.executor import Lanes, LocalStage, StageExecutor
-from .sampling import Noise, SamplingParams, draw, next_token, target_probs
+from .runtime.graph import graphed_cycle, readback_every, use_graphs
+from .sampling import Noise, SamplingParams, draw, target_probs
 from .stages import partition_layers
 
 
@@ -238,6 +239,38 @@ class SPDState:
             self.draft_q.index_copy_(0, self.newest % self.slots, q[None])
         self._enter(torch.where(do_reject, target_token, draft))
 
+    def graphed(self):
+        return graphed_cycle(self)
+
+    def finish(self, common: dict, kept: int):
+        """SPD's statistics and trace from the per-cycle history, up to the cycle that committed the
+        ``kept``-th token: cycles a readback batch ran past it count in ``cycles_run`` only."""
+        from .modes.spd import SPDStats  # modes.spd builds on this module
+
+        cycles_run = int(self.cycles)
+        recorded = min(cycles_run, self.max_cycles)
+        num_out_at, accepted_at = self.num_out_at[:recorded].tolist(), self.accepted_at[:recorded].tolist()
+        cycles = next((c + 1 for c, count in enumerate(num_out_at) if count >= kept), 0) if kept else 0
+        trace, verified_before, accepted_before = [], 0, 0
+        for count, accepted_count in zip(num_out_at[:cycles], accepted_at[:cycles]):
+            if count > verified_before:
+                trace.append(accepted_count > accepted_before)
+            verified_before, accepted_before = count, accepted_count
+        accepted = sum(trace)
+        new_tokens, n = common["new_tokens"], self.n
+        # n x tokens / cycles: with the stages on n devices a cycle costs one stage (L/n layers), so n cycles
+        # cost one pass of the whole target.
+        equivalent_accept_length = n * new_tokens / cycles if cycles else 0.0
+        config = self.pdm.config
+        stats = SPDStats(
+            **common, acceptance_rate=accepted / len(trace) if trace else 0.0,
+            tokens_per_target_pass=equivalent_accept_length, theoretical_speedup=equivalent_accept_length,
+            stages=n, stage_layers=[b - a for a, b in config.stage_bounds], anchors=config.anchors,
+            tower_layers=config.tower_layers, cycles=cycles, accepted_drafts=accepted,
+            rejected_drafts=len(trace) - accepted, tokens_per_cycle=new_tokens / cycles if cycles else 0.0,
+            equivalent_accept_length=equivalent_accept_length, cycles_run=cycles_run)
+        return stats, trace
+
     def rollback(self, cut: torch.Tensor) -> None:
         """Cut the PDM and this state's own target cache back to ``cut`` entries now (capacity: no cut); a
         stage whose cache lives elsewhere applies ``self.cut`` at its next step."""
@@ -247,84 +280,24 @@ class SPDState:
         self.cut.copy_(cut)
 
 
+def spd_decoder(target: Model, pdm: PDM, prompt_len: int, max_new_tokens: int, params: SamplingParams,
+                readback: int) -> SPDState:
+    """Every stage in this process, with room for the prompt, the answer, the n tokens in flight and the
+    cycles a readback batch runs past the last token."""
+    n = len(pdm.config.stage_bounds)
+    return SPDState(target, pdm, cache_capacity(prompt_len, max_new_tokens, extra=n + 2 + readback), params)
+
+
 def generate_spd(target: Model, pdm: PDM, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
                  eos_ids, on_tokens: TokenCallback | None = None, graph: str = "off") -> GenerationResult:
-    """SPD in one process: every stage runs here, eagerly one after another or (``graph``) as one CUDA graph
-    per cycle with a stream per stage (see :mod:`spd_engine.runtime.graph`)."""
-    from .runtime.graph import READBACK_EVERY, graphed_cycle, use_graphs
-
-    n = len(pdm.config.stage_bounds)
+    """SPD of one prompt without an :class:`~spd_engine.engine.Engine` (tests, benchmarks): every stage runs
+    here, eagerly one after another or (``graph``) as one CUDA graph per cycle with a stream per stage (see
+    :mod:`spd_engine.runtime.graph`)."""
     graphed = use_graphs(graph, target.device)
-    readback = READBACK_EVERY if graphed else 1
-    # Cycles run in batches of `readback`: room for the ones that run past the last token.
-    state = SPDState(target, pdm, cache_capacity(len(prompt_ids), max_new_tokens, extra=n + 2 + readback), params)
-    runner = (lambda: graphed_cycle(state)) if graphed else None
-    return run_spd(state, prompt_ids, max_new_tokens, eos_ids, on_tokens, runner=runner, readback_every=readback)
-
-
-def run_spd(state: SPDState, prompt_ids: list[int], max_new_tokens: int, eos_ids,
-            on_tokens: TokenCallback | None = None, runner=None, readback_every: int = 1) -> GenerationResult:
-    """SPD driver over any SPDState (single-process or distributed): prefill, then cycles until EOS or the
-    token limit. ``runner()`` (called once, after the pipeline starts) returns the function that runs one
-    cycle, ``state.cycle`` by default. The host reads results back every ``readback_every`` cycles; the
-    per-cycle history on the device gives the exact cycle count and trace of the tokens kept."""
-    eos_ids = set(eos_ids)
-    pdm, params, n = state.pdm, state.params, state.n
-    start = time.perf_counter()
-    tokens: list[int] = []
-    with torch.inference_mode():
-        logits = state.prefill(prompt_ids)
-        first = next_token(logits, params, state.generator)
-        tokens.append(int(first))
-        if on_tokens:
-            on_tokens(tokens[-1:])
-        state.start(first, len(prompt_ids))
-        prefill_seconds = time.perf_counter() - start
-        cycle = runner() if runner is not None else state.cycle
-        warmup_cycles = int(state.cycles)  # a graph's warm-up cycles are real, but timed as capture
-        capture_seconds = time.perf_counter() - start - prefill_seconds  # graph warm-up + capture, if any
-        drain(cycle, readback_every, state, tokens, eos_ids, max_new_tokens, on_tokens)
-        seconds = time.perf_counter() - start
-        cycles_run = int(state.cycles)
-        num_out_at = state.num_out_at[:min(cycles_run, state.max_cycles)].tolist()
-        accepted_at = state.accepted_at[:min(cycles_run, state.max_cycles)].tolist()
-    # Keep the history up to the cycle that committed the last kept token (tokens[0] came from prefill).
-    kept = len(tokens) - 1
-    cycles = next((c + 1 for c, count in enumerate(num_out_at) if count >= kept), 0) if kept else 0
-    trace, verified_before, accepted_before = [], 0, 0
-    for count, accepted_count in zip(num_out_at[:cycles], accepted_at[:cycles]):
-        if count > verified_before:
-            trace.append(accepted_count > accepted_before)
-        verified_before, accepted_before = count, accepted_count
-    accepted = sum(trace)
-    rejected = len(trace) - accepted
-    verified = accepted + rejected
-    stats = {
-        "mode": "spd",
-        "new_tokens": len(tokens),
-        "seconds": seconds,
-        "tokens_per_s": len(tokens) / seconds if seconds > 0 else 0.0,
-        "wall_seconds": seconds,
-        "stages": n,
-        "stage_layers": [b - a for a, b in pdm.config.stage_bounds],
-        "anchors": pdm.config.anchors,
-        "tower_layers": pdm.config.tower_layers,
-        "cycles": cycles,
-        "accepted_drafts": accepted,
-        "rejected_drafts": rejected,
-        "acceptance_rate": accepted / verified if verified else 0.0,
-        "tokens_per_cycle": len(tokens) / cycles if cycles else 0.0,
-        "equivalent_accept_length": n * len(tokens) / cycles if cycles else 0.0,
-        "readback_every": readback_every,
-        "prefill_seconds": prefill_seconds,
-        "capture_seconds": capture_seconds,
-        # Every cycle executed, including those a batch ran past the last token: the divisor of cycle time.
-        "cycles_run": cycles_run,
-        "cycle_seconds": ((seconds - prefill_seconds - capture_seconds) / (cycles_run - warmup_cycles)
-                          if cycles_run > warmup_cycles else 0.0),
-    }
-    stats["theoretical_speedup"] = stats["equivalent_accept_length"]
-    return GenerationResult(prompt_ids, tokens, stats, trace)
+    readback = readback_every(graphed)
+    state = spd_decoder(target, pdm, len(prompt_ids), max_new_tokens, params, readback)
+    return run_decoder(state, "spd", prompt_ids, max_new_tokens, params, eos_ids, on_tokens, graphed=graphed,
+                       readback=readback)
 
 
 def default_pdm_dir(model_spec: str):

@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spd_engine.decode import VanillaStep, cache_capacity, prefill
+from spd_engine.decode import cache_capacity, prefill
+from spd_engine.modes.vanilla import VanillaStep
 from spd_engine.model import Model
 from spd_engine.ops import reference
 from spd_engine.pdm import PDM
@@ -75,7 +76,7 @@ def test_vanilla_step_compiles_without_graph_breaks(model, params):
     cache = model.new_cache(64)
     step = VanillaStep(model, cache, params)
     with torch.inference_mode():
-        step.start(next_token(prefill(model, cache, PROMPT), params, step.generator))
+        step.start(next_token(prefill(model, cache, PROMPT), params, step.generator), len(PROMPT))
         if step.noise is not None:
             step.noise.refill()
         assert_no_graph_break(step.step)

@@ -70,9 +70,9 @@ def test_chat_uses_the_models_template(tiny_dir, capsys):
     (["--mode", "spd", "--stages", "2", "--pdm", "/nonexistent"], "is not a PDM checkpoint"),
     (["--mode", "spd", "--stages", "2"], "no draft module (PDM) is known"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-    (["--pdm", "untrained"], "apply to --mode spd only"),
-    (["--stages", "2"], "apply to --mode spd only"),
-    (["--mode", "vanilla", "--stage-layers", "2,2"], "apply to --mode spd only"),
+    (["--pdm", "untrained"], "--pdm applies to --mode spd only"),
+    (["--stages", "2"], "--stages applies to --mode spd only"),
+    (["--mode", "vanilla", "--stage-layers", "2,2"], "--stage-layers applies to --mode spd only"),
     (["--threads", "0"], "--threads must be >= 1"),
     (["--max-new-tokens", "600"], "exceeds the model's context of 512"),
 ])

@@ -46,4 +46,4 @@ def test_spd_untrained_equals_vanilla(engine, stages):
     spd = engine.generate(prompt, chat=True, max_new_tokens=tokens, mode="spd", stages=stages, pdm="untrained")
     assert spd.token_ids == vanilla.token_ids
     if stages == 4:
-        assert spd.stats["stage_layers"] == [8, 8, 7, 7]
+        assert spd.stats.stage_layers == [8, 8, 7, 7]

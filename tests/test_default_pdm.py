@@ -75,7 +75,7 @@ def test_shipped_pdm_drafts_better_than_an_untrained_one(engine):
                                   ignore_eos=True, pdm=None if name == "shipped" else "untrained",
                                   stage_layers=None if name == "shipped" else
                                   [b - a for a, b in shipped.config.stage_bounds])
-            accepted += out.stats["accepted_drafts"]
-            verified += out.stats["accepted_drafts"] + out.stats["rejected_drafts"]
+            accepted += out.stats.accepted_drafts
+            verified += out.stats.accepted_drafts + out.stats.rejected_drafts
         stats[name] = accepted / max(1, verified)
     assert stats["shipped"] > stats["untrained"], (n, stats)

@@ -64,14 +64,15 @@ def test_eval_is_lossless_and_writes_traces(model_dir, question_sets, tmp_path, 
 
 def test_eval_reports_a_lossless_failure(model_dir, question_sets, monkeypatch):
     """A broken SPD decoder (here: one wrong token) must show up as lossless=False and a failing exit status."""
-    own = evaluate.generate_spd
+    own = Engine.generate
 
-    def broken(*args, **kwargs):
-        result = own(*args, **kwargs)
-        result.token_ids[-1] = (result.token_ids[-1] + 1) % 200
+    def broken(self, *args, **kwargs):
+        result = own(self, *args, **kwargs)
+        if kwargs["mode"] == "spd":
+            result.token_ids[-1] = (result.token_ids[-1] + 1) % 200
         return result
 
-    monkeypatch.setattr(evaluate, "generate_spd", broken)
+    monkeypatch.setattr(Engine, "generate", broken)
     args = parse(["--model", str(model_dir), "--stages", "2", "--pdm", "untrained", "--max-new-tokens", "6",
                   "--limit", "1", "--data", str(question_sets[1])])
     assert evaluate.run(args) == 1

@@ -16,7 +16,8 @@ from spd_engine.model import Model
 from spd_engine.pdm import PDM
 from spd_engine.runtime import graph
 from spd_engine.sampling import SamplingParams
-from spd_engine.spd import SPDState, generate_spd, run_spd
+from spd_engine.modes.base import run_decoder
+from spd_engine.spd import SPDState, generate_spd
 from spd_engine.stages import partition_layers
 from tiny_models import make_tiny_model
 
@@ -64,12 +65,12 @@ def test_reading_back_every_k_cycles_changes_nothing(model, stages):
     results = []
     for every in (1, 5):
         state = SPDState(model, pdm, 128, GREEDY)
-        results.append(run_spd(state, PROMPT, 11, eos_ids=(), readback_every=every))
+        results.append(run_decoder(state, "spd", PROMPT, 11, GREEDY, eos_ids=(), readback=every))
     (one, batched) = results
     assert batched.token_ids == one.token_ids and batched.trace == one.trace
     for key in ("cycles", "accepted_drafts", "rejected_drafts", "new_tokens"):
-        assert batched.stats[key] == one.stats[key], key
-    assert one.stats["cycles"] >= 10 and one.trace  # verification ran
+        assert getattr(batched.stats, key) == getattr(one.stats, key), key
+    assert one.stats.cycles >= 10 and one.trace  # verification ran
 
 
 def test_failed_capture_falls_back_to_eager_with_one_warning(model, capsys):
@@ -78,8 +79,8 @@ def test_failed_capture_falls_back_to_eager_with_one_warning(model, capsys):
         pytest.skip("capture works on this machine")
     pdm = PDM.create(model, partition_layers(4, 2))
     state = SPDState(model, pdm, 128, GREEDY)
-    eager = run_spd(SPDState(model, pdm, 128, GREEDY), PROMPT, 9, eos_ids=())
-    fallback = run_spd(state, PROMPT, 9, eos_ids=(), runner=lambda: graph.graphed_cycle(state), readback_every=3)
+    eager = run_decoder(SPDState(model, pdm, 128, GREEDY), "spd", PROMPT, 9, GREEDY, eos_ids=())
+    fallback = run_decoder(state, "spd", PROMPT, 9, GREEDY, eos_ids=(), graphed=True, readback=3)
     assert fallback.token_ids == eager.token_ids and fallback.trace == eager.trace
     warnings = capsys.readouterr().err.strip().splitlines()
     assert len(warnings) == 1 and warnings[0].startswith("spd-engine: warning: CUDA graph capture of the SPD cycle "

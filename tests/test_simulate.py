@@ -35,7 +35,7 @@ def test_replay_gives_the_engines_cycle_count(engine, stages):
     result = generate_spd(engine.model, pdm, prompt, 40, SamplingParams(temperature=1.0, seed=stages), [])
     trace = "".join("A" if accepted else "R" for accepted in result.trace)
     assert "A" in trace and "R" in trace
-    assert count_cycles(trace, stages) == result.stats["cycles"]
+    assert count_cycles(trace, stages) == result.stats.cycles
 
 
 def test_eval_report_replays_to_the_recorded_cycles(engine, tmp_path):

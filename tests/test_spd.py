@@ -45,7 +45,7 @@ def test_greedy_untrained_pdm_is_lossless(model, stages, prompt):
     pdm = PDM.create(model, partition_layers(5, stages))
     result = generate_spd(model, pdm, prompt, 24, GREEDY, eos_ids=())
     assert result.token_ids == expected
-    assert result.stats["rejected_drafts"] > 0  # an untrained PDM misses, so flushes really happened
+    assert result.stats.rejected_drafts > 0  # an untrained PDM misses, so flushes really happened
 
 
 @pytest.mark.parametrize("stages", [1, 2, 4, 5])
@@ -57,10 +57,10 @@ def test_greedy_good_drafts_are_lossless_and_counted(model, monkeypatch, stages,
     result = generate_spd(model, PDM.create(model, partition_layers(5, stages)), prompt, 30, GREEDY, eos_ids=())
     stats = result.stats
     assert result.token_ids == expected
-    assert stats["accepted_drafts"] + stats["rejected_drafts"] == len(result.trace) == 29
-    assert stats["equivalent_accept_length"] == pytest.approx(stats["stages"] * 30 / stats["cycles"])
+    assert stats.accepted_drafts + stats.rejected_drafts == len(result.trace) == 29
+    assert stats.equivalent_accept_length == pytest.approx(stats.stages * 30 / stats.cycles)
     if hit_rate == 1.0:  # full acceptance: one token per cycle after n-1 refill cycles
-        assert stats["cycles"] == 29 + stages - 1 and stats["rejected_drafts"] == 0
+        assert stats.cycles == 29 + stages - 1 and stats.rejected_drafts == 0
 
 
 def test_explicit_uneven_split_and_eos_stop(model):
@@ -71,7 +71,7 @@ def test_explicit_uneven_split_and_eos_stop(model):
     pdm = PDM.create(model, partition_layers(5, stage_layers=[1, 3, 1]))
     result = generate_spd(model, pdm, prompt, 20, GREEDY, eos_ids={eos})
     assert result.token_ids == expected and result.token_ids[-1] == eos
-    assert result.stats["stage_layers"] == [1, 3, 1]
+    assert result.stats.stage_layers == [1, 3, 1]
 
 
 def test_cache_after_every_flush_equals_fresh_vanilla_prefix(model):
@@ -158,8 +158,8 @@ def test_sampling_keeps_the_target_distribution(model, monkeypatch, stages):
         result = generate_spd(model, pdm, PROMPTS[0], 2, SamplingParams(1.5, 6, seed=seed), eos_ids=())
         firsts[result.token_ids[0]] += 1
         seconds[result.token_ids[1]] += 1
-        accepted += result.stats["accepted_drafts"]
-        rejected += result.stats["rejected_drafts"]
+        accepted += result.stats.accepted_drafts
+        rejected += result.stats.rejected_drafts
     assert accepted > 100 and rejected > 100  # both branches of the rule were exercised
     for counts, probs in ((firsts, first_probs), (seconds, second_probs)):
         support = probs > 0

@@ -64,9 +64,9 @@ def test_greedy_trace_equals_the_real_pipeline(engine, pdms, config):
     for ids, result in zip(prompts, forced):
         real = generate_spd(engine.model, pdm, ids, 40, greedy, engine.eos_ids)
         assert result["trace"] == "".join("A" if a else "R" for a in real.trace)
-        assert result["cycles"] == real.stats["cycles"]
-        assert result["new_tokens"] == real.stats["new_tokens"]
-        assert result["accepted"] == real.stats["accepted_drafts"]
+        assert result["cycles"] == real.stats.cycles
+        assert result["new_tokens"] == real.stats.new_tokens
+        assert result["accepted"] == real.stats.accepted_drafts
         mixed += "A" in result["trace"] and "R" in result["trace"]
     if config[0] in (2, 3):  # the trained PDMs exercise both outcomes, and the fill of every accept run
         assert mixed >= 2
@@ -81,8 +81,8 @@ def test_sampled_acceptance_matches_the_real_pipeline(engine, pdms):
     for seed in range(8):
         for ids in prompts:
             stats = generate_spd(engine.model, pdm, ids, 24, SamplingParams(1.0, seed=seed), engine.eos_ids).stats
-            real_accepted += stats["accepted_drafts"]
-            real_verified += stats["accepted_drafts"] + stats["rejected_drafts"]
+            real_accepted += stats.accepted_drafts
+            real_verified += stats.accepted_drafts + stats.rejected_drafts
     forced_accepted = forced_verified = 0
     for seed in range(8):
         results = evaluate_teacher_forced(engine, {"set": prompts}, [pdm], 24, SamplingParams(1.0, seed=100 + seed),

@@ -151,7 +151,7 @@ def test_training_staircase_reproduces_inference_drafts(engine, monkeypatch, sta
     monkeypatch.setattr(SPDState, "draft", draft)
     monkeypatch.setattr(pdm, "draft_logits", draft_logits)
     result = generate_spd(model, pdm, prompt, len(reference), GREEDY, eos_ids=())
-    assert result.token_ids == reference and result.stats["rejected_drafts"] == 0
+    assert result.token_ids == reference and result.stats.rejected_drafts == 0
     monkeypatch.undo()
     sequence = torch.tensor([prompt + reference])
     distiller = Distiller(model, pdm)
@@ -182,8 +182,8 @@ def test_training_lowers_loss_and_raises_acceptance(engine, trained):
         for text in word_prompts(4, seed=99):
             stats = generate_spd(engine.model, pdm, engine.encode_prompt(text, chat=True), 48, GREEDY,
                                  engine.eos_ids).stats
-            accepted += stats["accepted_drafts"]
-            verified += stats["accepted_drafts"] + stats["rejected_drafts"]
+            accepted += stats.accepted_drafts
+            verified += stats.accepted_drafts + stats.rejected_drafts
         rates[spec] = accepted / verified
     assert rates[str(out)] > rates["untrained"] + 0.1, rates
 

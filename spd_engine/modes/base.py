@@ -30,6 +30,7 @@ TokenCallback = Callable[[list[int]], None]
 class DecodeStats:
     """What every mode reports; each mode's stats dataclass extends it. ``to_json`` is the JSON contract."""
 
+    title: ClassVar[str] = ""  # the mode's name in prose ("SPD"); its registry name when empty
     mode: str
     new_tokens: int
     seconds: float  # wall clock of the whole generation: prefill, capture and decoding
@@ -47,6 +48,17 @@ class DecodeStats:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def comparison_heading(self) -> str:
+        """This run's column heading beside vanilla decoding (``generate`` without --no-compare)."""
+        return self.title or self.mode
+
+    def comparison_notes(self) -> list[str]:
+        """What this run's numbers mean, under that side-by-side table."""
+        acceptance = "n/a (no drafts)" if self.acceptance_rate is None else f"{self.acceptance_rate:.3f}"
+        return [f"acceptance: {acceptance}",
+                f"tokens per target pass: {self.tokens_per_target_pass:.2f}",
+                f"theoretical speedup: {self.theoretical_speedup:.2f} (as the mode's paper defines it)"]
 
 
 @dataclass
@@ -86,7 +98,9 @@ class DecodingMode:
     name: ClassVar[str]
     summary: ClassVar[str]
     # Keyword options of Engine.generate this mode accepts, with their command-line flags, e.g.
-    # {"exit_layer": "--exit-layer"}; giving another mode's option is a one-line error.
+    # {"exit_layer": "--exit-layer"}; giving another mode's option is a one-line error. A keyword is its
+    # flag's argparse dest, and the flag defaults to None (not given), so the command line passes it on as is.
+    # Modes may share an option (same keyword and flag); the flag is then defined by the first mode registered.
     options: ClassVar[dict[str, str]] = {}
     capturable: ClassVar[bool] = False  # its decoder has `graphed()`: a cycle free of host syncs
 
@@ -100,6 +114,24 @@ class DecodingMode:
     def decoder(self, prompt_len: int, max_new_tokens: int, params: SamplingParams, readback: int) -> Decoder:
         """A fresh decoder with room for the prompt, the answer and ``readback`` cycles run past its end."""
         raise NotImplementedError
+
+    def describe(self) -> dict:
+        """The settings this mode runs with (drafts, split), as eval's report records them."""
+        return {}
+
+    def eval_row(self, stats: DecodeStats) -> dict:
+        """What eval records per prompt beside the common fields (SPD: its cycles)."""
+        return {}
+
+    def eval_totals(self, prompts: list[dict]) -> dict:
+        """What eval reports per dataset beside the common totals, from its per-prompt rows."""
+        return {}
+
+    def predicted_multi_device_speedup(self, per_prompt: list[dict]) -> float | None:
+        """The speedup over vanilla decoding this mode is predicted to reach with its work spread over several
+        devices, from eval's per-prompt rows (traces and counts). None: no prediction for this mode yet
+        (the simulator, spd_engine/simulate.py, is wired to the modes later)."""
+        return None
 
 
 def stop_reached(token_ids: list[int], eos_ids: Collection[int], max_new_tokens: int) -> bool:

@@ -53,8 +53,10 @@ from ..engine import Engine, pick_device, pick_dtype
 from ..errors import UserError
 from ..model import Model
 from ..pdm import PDM, target_identity
+from ..modes.base import run_decoder
+from ..modes.spd import SPDStats
 from ..sampling import SamplingParams
-from ..spd import SPDState, resolve_pdm, run_spd, stage_anchor_layers
+from ..spd import SPDState, resolve_pdm, stage_anchor_layers
 from .executor import Lanes, LocalStage, StageExecutor
 from ..stages import partition_layers
 from ..tokenizer import StreamDecoder, Tokenizer
@@ -322,6 +324,16 @@ def serve_stage(target: Model, layout: Layout, stage: int, bounds: tuple[int, in
 
 
 # ---------------------------------------------------------------------------------------------- the session
+@dataclass
+class DistributedSPDStats(SPDStats):
+    """SPD's statistics, and where the stages ran."""
+
+    runtime: str  # "distributed"
+    layout: str  # Layout.name: dedicated (rank 0 runs the draft only) or hosted (and stage 1)
+    world_size: int
+    dist_backend: str
+
+
 @dataclass(frozen=True)
 class Plan:
     """What rank 0 decided from the command line, before any weights are read."""
@@ -502,11 +514,12 @@ def _drive(args, links: Links, layout: Layout, plan: Plan, setup: ControllerSetu
                                     cache_offset=a))
     state = SPDState(target, setup.pdm, capacity, setup.params, stages=stages, lanes=DistributedLanes(links))
     on_tokens = None if args.json else _text_stream(engine.tokenizer)
-    result = run_spd(state, setup.prompt_ids, args.max_new_tokens, engine.eos_ids, on_tokens)
+    result = run_decoder(state, "spd", setup.prompt_ids, args.max_new_tokens, setup.params, engine.eos_ids,
+                         on_tokens)
     links.settle()
     links.broadcast_control(STOP)
-    stats = dict(result.stats, runtime="distributed", layout=layout.name, world_size=layout.world_size,
-                 dist_backend=dist.get_backend())
+    stats = DistributedSPDStats(**vars(result.stats), runtime="distributed", layout=layout.name,
+                                world_size=layout.world_size, dist_backend=dist.get_backend())
     _print_result(args, engine.tokenizer.decode(result.token_ids), result.token_ids, result.prompt_ids, stats)
 
 
@@ -521,12 +534,13 @@ def _text_stream(tokenizer):
     return on_tokens
 
 
-def _print_result(args, text: str, token_ids: list[int], prompt_ids: list[int], stats: dict) -> None:
+def _print_result(args, text: str, token_ids: list[int], prompt_ids: list[int], stats: DistributedSPDStats) -> None:
     """The single-process ``generate`` output: one JSON object, or the streamed text plus a summary line."""
     if args.json:
-        print(json.dumps({"text": text, "token_ids": token_ids, "prompt_ids": prompt_ids, "stats": stats}))
+        print(json.dumps({"text": text, "token_ids": token_ids, "prompt_ids": prompt_ids,
+                          "stats": stats.to_json()}))
         return
-    print(f"\n[spd, {stats['layout']} on {stats['world_size']} ranks] {stats['new_tokens']} tokens in "
-          f"{stats['seconds']:.2f}s ({stats['tokens_per_s']:.1f} tok/s) | stages {stats['stages']} | acceptance "
-          f"{stats['acceptance_rate']:.3f} | equivalent accept length {stats['equivalent_accept_length']:.2f}",
+    print(f"\n[spd, {stats.layout} on {stats.world_size} ranks] {stats.new_tokens} tokens in "
+          f"{stats.seconds:.2f}s ({stats.tokens_per_s:.1f} tok/s) | stages {stats.stages} | acceptance "
+          f"{stats.acceptance_rate:.3f} | equivalent accept length {stats.equivalent_accept_length:.2f}",
           file=sys.stderr)

@@ -1,7 +1,7 @@
 """CUDA-graph execution: the SPD cycle and the vanilla decode step, captured once and replayed.
 
-The captured code is the eager code (``SPDState.cycle``, ``VanillaStep.cycle``); what changes is only where it
-runs:
+The captured code is the eager code (``SPDState.cycle``, ``modes.vanilla.VanillaStep.cycle``); what changes is
+only where it runs:
 
 * :class:`StreamLanes` gives the draft module and every stage a CUDA stream of its own. Each cycle forks them
   from the capturing stream (``lane.wait_stream(current)``) and joins them back (``current.wait_stream(lane)``)
@@ -38,6 +38,11 @@ def use_graphs(mode: str, device: torch.device) -> bool:
     if mode == "on" and device.type != "cuda":
         raise UserError("--graph on needs a CUDA device (--device cuda); use --graph auto or off")
     return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
+def readback_every(graphed: bool) -> int:
+    """Cycles between host readbacks: eager decoding reads back after every cycle (nothing to batch)."""
+    return READBACK_EVERY if graphed else 1
 
 
 def warn(message: str) -> None:
