@@ -48,7 +48,7 @@ import torch
 from ..decode import cache_capacity
 from ..errors import UserError
 from ..exit_adapter import ExitAdapter
-from ..model import Model
+from ..model import AnchorCapture, Model
 from ..runtime.executor import Lanes, LocalStage
 from ..sampling import Noise, SamplingParams, draw, target_probs
 from ..simulate import CONTROL_BYTES, Link, count_cycles
@@ -248,6 +248,35 @@ def generate_ppsd(model: Model, prompt_ids: list[int], max_new_tokens: int, para
     decoder = ppsd_decoder(model, ExitDraft(model, exit_layer, adapter), len(prompt_ids), max_new_tokens, params,
                            readback=1)
     return run_decoder(decoder, "ppsd", prompt_ids, max_new_tokens, params, eos_ids, on_tokens)
+
+
+# ---------------------------------------------------------------------------------------------- measurement
+@torch.inference_mode()
+def exit_traces(model: Model, sequences: list[tuple[list[int], int]], exit_layers: list[int],
+                adapters: dict[int, ExitAdapter] | None = None) -> dict[int, list[str]]:
+    """Greedy PPSD's verification traces ('A'/'R' per verification, one string per sequence) at each exit layer,
+    teacher-forced: one full forward per ``(tokens, answer_start)`` sequence, the answer being the target's own
+    greedy one. Every draft greedy PPSD verifies is drafted from an all-correct prefix, so the exit head's
+    argmax at answer position t against the target's argmax there is exactly the outcome of verifying the
+    draft for t + 1; the traces replay to the engine's cycles (``simulate.count_cycles(trace, 2)``).
+    ``adapters`` maps an exit layer to the adapter drafting there."""
+    adapters = adapters or {}
+    L, H = model.config.num_layers, model.config.hidden_size
+    traces: dict[int, list[str]] = {E: [] for E in exit_layers}
+    for tokens, answer_start in sequences:
+        cache = model.new_cache(cache_capacity(len(tokens), 0))
+        exits = torch.zeros(len(tokens), len(exit_layers), H, dtype=model.dtype, device=model.device)
+        ids = torch.tensor([tokens], dtype=torch.long, device=model.device)
+        last = model.forward_layers(model.embed(ids), 0, L, cache, anchors=AnchorCapture(tuple(exit_layers), exits))
+        verified = slice(answer_start, len(tokens) - 1)  # positions whose next token is a kept answer token
+        target_tokens = model.logits(last[0, verified]).argmax(-1)
+        for column, E in enumerate(exit_layers):
+            hidden = exits[verified, column]
+            if E in adapters:
+                hidden = adapters[E](hidden)
+            hits = (model.logits(hidden).argmax(-1) == target_tokens).tolist()
+            traces[E].append("".join("A" if hit else "R" for hit in hits))
+    return traces
 
 
 # ---------------------------------------------------------------------------------------------- simulator
