@@ -1,15 +1,17 @@
 """PPSD is lossless: greedy output equals vanilla token for token, sampling keeps the target distribution, and a
 flush leaves every layer's cache as a fresh prefill of the committed prefix would."""
 import random
+import re
 
 import pytest
 import torch
 
 from spd_engine.decode import generate_vanilla, prefill
 from spd_engine.errors import UserError
-from spd_engine.exit_adapter import ExitAdapter
+from spd_engine.exit_adapter import ExitAdapter, ExitAdapterConfig
 from spd_engine.model import Model
 from spd_engine.modes import mode_class
+from spd_engine.pdm import target_identity
 from spd_engine.modes.ppsd import (ExitDraft, PPSDMode, PPSDState, exit_traces, generate_ppsd, predict_ppsd,
                                    verification_trace)
 from spd_engine.sampling import SamplingParams, target_probs
@@ -193,8 +195,9 @@ def test_mode_registry_options_and_defaults(engine):
 
 def test_adapter_round_trip_and_mismatches(engine, model, tmp_path):
     target = engine.model
-    adapter = ExitAdapter.create(target, exit_layer=1, rank=4)
-    adapter.up.normal_()  # not the identity, so the draft really changes
+    generator = torch.Generator().manual_seed(0)
+    adapter = ExitAdapter(ExitAdapterConfig(target_identity(target.config), exit_layer=1, rank=4),
+                          torch.randn(4, 64, generator=generator), torch.randn(64, 4, generator=generator))
     adapter.save(tmp_path / "a")
     mode = PPSDMode(engine, exit_adapter=str(tmp_path / "a"))  # its exit layer becomes the default
     assert mode.draft.exit_layer == 1
@@ -257,3 +260,36 @@ def test_default_model_greedy_equals_vanilla():
         expected = generate_vanilla(engine.model, ids, 12, GREEDY, engine.eos_ids).token_ids
         result = generate_ppsd(engine.model, ids, 12, GREEDY, engine.eos_ids, exit_layer)
         assert result.token_ids == expected, (text, exit_layer)
+
+
+def test_train_exit_adapter_from_a_feature_cache(engine, cache_dir, tmp_path):
+    """The conftest's tiny engine and its feature cache (every layer cached): least squares, a few distillation
+    steps, an atomic save that loads back and drafts losslessly."""
+    from spd_engine.exit_adapter import train_exit_adapter
+
+    report = train_exit_adapter(engine, str(cache_dir), exit_layer=2, out=str(tmp_path / "ea"), rank=8, steps=3,
+                                batch_rows=16, max_rows=400, val_rows=20, progress=False)
+    assert report["train_rows"] == 400 and report["val_rows"] == 20 and report["steps"] == 3
+    for key in ("val_agreement_plain_exit", "val_agreement_least_squares", "val_agreement_adapter"):
+        assert 0.0 <= report[key] <= 1.0
+    assert sorted(p.name for p in (tmp_path / "ea").iterdir()) == [
+        "exit_adapter.json", "exit_adapter.safetensors", "train_report.json"]  # no temporary left behind
+    mode = PPSDMode(engine, exit_adapter=str(tmp_path / "ea"))
+    assert mode.draft.exit_layer == 2 and mode.draft.adapter.config.rank == 8
+    expected = generate_vanilla(engine.model, PROMPTS[0], 12, GREEDY, eos_ids=()).token_ids
+    assert generate_ppsd(engine.model, PROMPTS[0], 12, GREEDY, (), 2, adapter=mode.draft.adapter).token_ids == expected
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--exit-layer", "4"], r"--exit-layer must be in \[1, 3\]"),
+    (["--exit-layer", "2", "--rank", "0"], r"--rank must be in \[1, 64\]"),
+    (["--exit-layer", "2", "--steps", "-1"], "--steps must be >= 0"),
+])
+def test_train_exit_adapter_user_errors_are_one_line(tiny_dir, cache_dir, tmp_path, capsys, flags, message):
+    from spd_engine.cli import main
+
+    code = main(["train-exit-adapter", "--model", str(tiny_dir), "--cache", str(cache_dir), "--out",
+                 str(tmp_path / "ea"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("spd-engine: error:")
+    assert re.search(message, err) and not (tmp_path / "ea").exists()
