@@ -293,3 +293,25 @@ def test_train_exit_adapter_user_errors_are_one_line(tiny_dir, cache_dir, tmp_pa
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("spd-engine: error:")
     assert re.search(message, err) and not (tmp_path / "ea").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "sampling"])
+def test_ppsd_cycle_compiles_without_graph_breaks(tmp_path_factory, monkeypatch, temperature):
+    """capturable = True rests on this: the step a CUDA graph replays has no host sync (test_capture_safety's
+    CPU proof, on the GPU attention path), with the pipeline full so verification runs."""
+    from spd_engine.ops import reference
+    from test_capture_safety import assert_no_graph_break
+
+    monkeypatch.setattr(reference, "attention_live_length", reference.attention_capacity_masked)
+    model = Model.from_pretrained(make_tiny_model(tmp_path_factory.mktemp("capture"), "qwen3", layers=3),
+                                  backend="torch")
+    params = SamplingParams(temperature=temperature, top_k=20, seed=0)
+    state = PPSDState(model, ExitDraft(model, 1), 64, params)
+    with torch.inference_mode():
+        state.start(state.prefill(PROMPTS[0]).argmax(-1), len(PROMPTS[0]))
+        for _ in range(2):
+            state.cycle()
+        if state.noise is not None:
+            state.noise.refill()  # the cycle's one generator call, which the CUDA graph registers instead
+        assert_no_graph_break(state.step)
