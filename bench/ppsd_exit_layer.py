@@ -103,8 +103,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     write_text_atomic(RESULTS / "ppsd_exit_layer.json", json.dumps(record, indent=1) + "\n")
     for row in rows:
-        print(f"E={row['exit_layer']:2d}  acceptance {row['acceptance']:.3f}  theoretical {row['theoretical_speedup']:.3f}"
-              f"  with heads {row['predicted_speedup_with_heads']:.3f}")
+        print(f"E={row['exit_layer']:2d}  acceptance {row['acceptance']:.3f}"
+              f"  theoretical {row['theoretical_speedup']:.3f}  with heads {row['predicted_speedup_with_heads']:.3f}")
     print(f"chosen exit layer: {best['exit_layer']} (head = {h:.2f} layers)")
 
 

@@ -39,6 +39,13 @@ WEIGHTS_FILE = "exit_adapter.safetensors"
 DEFAULT_RANK = 128
 
 
+def check_exit_layer(num_layers: int, exit_layer: int) -> None:
+    """An early exit needs at least one layer before it and one after it."""
+    if not 1 <= exit_layer <= num_layers - 1:
+        raise UserError(f"--exit-layer must be in [1, {num_layers - 1}] for this {num_layers}-layer model, "
+                        f"got {exit_layer}")
+
+
 @dataclass
 class ExitAdapterConfig:
     target: dict  # pdm.target_identity of the model it was trained for
@@ -53,9 +60,10 @@ class ExitAdapter:
         self.up = up  # (H, r)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(…, H) in the target's dtype -> the adapted hidden state, same shape and dtype."""
+        """(…, H) -> the adapted hidden state, same shape and dtype. A loaded adapter is in the target's dtype
+        (the casts are no-ops); one in training keeps float32 weights."""
         down, up = self.down.to(hidden.dtype), self.up.to(hidden.dtype)
-        return hidden + torch.nn.functional.linear(torch.nn.functional.linear(hidden, down), up)
+        return hidden + F.linear(F.linear(hidden, down), up)
 
     @classmethod
     def load(cls, path: str | Path, target, exit_layer: int | None) -> "ExitAdapter":
@@ -84,7 +92,7 @@ class ExitAdapter:
             up = check_shape("up", tensors["up"], (H, config.rank))
         except KeyError as exc:
             raise UserError(f"'{weights_file}' lacks tensor {exc}") from exc
-        return cls(config, down.float().to(target.device), up.float().to(target.device))
+        return cls(config, down.to(target.device, target.dtype), up.to(target.device, target.dtype))
 
     def save(self, path: str | Path) -> Path:
         """Both files written under temporary names, then renamed (a reader never sees half an adapter)."""
@@ -156,8 +164,7 @@ def train_exit_adapter(engine, cache_dir: str, exit_layer: int, out: str, rank: 
     target = engine.model
     L, H = target.config.num_layers, target.config.hidden_size
     rank = min(DEFAULT_RANK, H) if rank is None else rank
-    if not 1 <= exit_layer <= L - 1:
-        raise UserError(f"--exit-layer must be in [1, {L - 1}] for this {L}-layer model, got {exit_layer}")
+    check_exit_layer(L, exit_layer)
     if not 1 <= rank <= H:
         raise UserError(f"--rank must be in [1, {H}] (the hidden size), got {rank}")
     if steps < 0:
@@ -214,7 +221,8 @@ def add_arguments(p) -> None:
     p.add_argument("--cache", required=True, metavar="DIR", help="a build-data feature cache holding index E")
     p.add_argument("--exit-layer", type=int, required=True, help="layers before the early exit (1..L-1)")
     p.add_argument("--out", required=True, metavar="DIR", help="where the adapter is written")
-    p.add_argument("--rank", type=int, default=None, help=f"rank r of the residual map (default: min({DEFAULT_RANK}, H))")
+    p.add_argument("--rank", type=int, default=None,
+                   help=f"rank r of the residual map (default: min({DEFAULT_RANK}, H))")
     p.add_argument("--steps", type=int, default=100, help="distillation steps after the least-squares start")
     p.add_argument("--batch-rows", type=int, default=256, help="cached rows per step")
     p.add_argument("--lr", type=float, default=1e-3)

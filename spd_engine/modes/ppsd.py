@@ -49,7 +49,7 @@ import torch
 
 from ..decode import cache_capacity
 from ..errors import UserError
-from ..exit_adapter import ExitAdapter
+from ..exit_adapter import ExitAdapter, check_exit_layer
 from ..model import AnchorCapture, Model
 from ..runtime.executor import Lanes, LocalStage
 from ..sampling import Noise, SamplingParams, draw, target_probs
@@ -79,9 +79,7 @@ class ExitDraft:
     ``draft_vocab`` tells SPDState's verify (it maps a PDM's draft-vocabulary distribution into the target's)."""
 
     def __init__(self, target: Model, exit_layer: int, adapter: ExitAdapter | None = None):
-        L = target.config.num_layers
-        if not 1 <= exit_layer <= L - 1:
-            raise UserError(f"--exit-layer must be in [1, {L - 1}] for this {L}-layer model, got {exit_layer}")
+        check_exit_layer(target.config.num_layers, exit_layer)
         if adapter is not None and adapter.config.exit_layer != exit_layer:
             raise UserError(f"the exit adapter was trained at exit layer {adapter.config.exit_layer}, not "
                             f"{exit_layer}")
