@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, text in (("train-pdm", "train", "train a draft module (PDM) by distillation"),
                                ("eval", "evaluate", "acceptance and losslessness over a prompt set"),
                                ("simulate", "simulate", "predict multi-device SPD speed from measurements"),
-                               ("build-data", "distill_data", "self-distilled training data and its feature cache")):
+                               ("build-data", "distill_data", "self-distilled training data and its feature cache"),
+                               ("train-exit-adapter", "exit_adapter", "train PPSD's early-exit adapter from a feature cache")):
         owner = importlib.import_module(f"spd_engine.{module}")
         command = sub.add_parser(name, help=text)
         owner.add_arguments(command)

@@ -42,16 +42,33 @@ class SPDState:
 
     def __init__(self, target: Model, pdm: PDM, capacity: int, params: SamplingParams, max_cycles: int = 0,
                  stages: list[StageExecutor] | None = None, lanes: Lanes | None = None):
+        self.pdm = pdm
+        bounds = [tuple(b) for b in pdm.config.stage_bounds]
+        self.init_pipeline(target, bounds, stage_anchor_layers(pdm.config.anchors, bounds), len(pdm.config.anchors),
+                           pdm.draft_vocab, capacity, params, max_cycles, stages, lanes)
+        dev = target.device
+        self.pdm_cache = pdm.tower.new_cache(capacity)
+        # Static tables: the aggregation type of each depth.
+        self.depth_types = torch.tensor(pdm.depth_types, dtype=torch.long, device=dev)
+        self.deepest_type = len(pdm.config.anchors) - 1
+        self.row_offsets = torch.arange(self.slots, device=dev)
+
+    def init_pipeline(self, target: Model, stage_bounds: list[tuple[int, int]], stage_anchors, anchor_count: int,
+                      draft_vocab: torch.Tensor, capacity: int, params: SamplingParams, max_cycles: int = 0,
+                      stages: list[StageExecutor] | None = None, lanes: Lanes | None = None) -> None:
+        """The pipeline's state, whatever drafts: the ring, stage buffers, counters, history, uniforms and stage
+        executors. ``stage_anchors[s]``: the (anchor index, layers done) stage s records; ``draft_vocab``: the
+        target ids of the draft's vocabulary (verify maps the draft's distribution through it)."""
         cfg, dev = target.config, target.device
-        self.target, self.pdm, self.params = target, pdm, params
-        self.stage_bounds = [tuple(b) for b in pdm.config.stage_bounds]
-        self.n = n = len(self.stage_bounds)
+        self.target, self.params = target, params
+        self.stage_bounds = stage_bounds
+        self.n = n = len(stage_bounds)
         self.slots = n + 1
-        m, H, K = len(pdm.config.anchors), cfg.hidden_size, pdm.config.draft_vocab_size
+        H, K = cfg.hidden_size, draft_vocab.shape[0]
+        self.draft_vocab = draft_vocab
         self.capacity = capacity
         self.cache = target.new_cache(capacity) if stages is None else None
-        self.pdm_cache = pdm.tower.new_cache(capacity)
-        self.anchors = torch.zeros(self.slots, m, H, dtype=target.dtype, device=dev)
+        self.anchors = torch.zeros(self.slots, anchor_count, H, dtype=target.dtype, device=dev)
         self.ring_tokens = torch.zeros(self.slots, dtype=torch.long, device=dev)
         self.draft_q = torch.zeros(self.slots, K, dtype=torch.float32, device=dev)
         self.stage_in = torch.zeros(n, 1, 1, H, dtype=target.dtype, device=dev)  # stage_in[s]: input of stage s+1
@@ -76,14 +93,9 @@ class SPDState:
         # per cycle.
         self.noise = None if params.greedy else Noise(params, dev, K + 1 + cfg.vocab_size)
         self.generator = self.noise.generator if self.noise else None
-        # Static tables: aggregation type per depth, and which anchors each stage produces.
-        self.depth_types = torch.tensor(pdm.depth_types, dtype=torch.long, device=dev)
-        self.deepest_type = len(pdm.config.anchors) - 1
-        self.row_offsets = torch.arange(self.slots, device=dev)
-        self.stage_anchors = stage_anchor_layers(pdm.config.anchors, self.stage_bounds)
+        self.stage_anchors = stage_anchors
         self.stages: list[StageExecutor] = stages if stages is not None else [
-            LocalStage(target, s, bounds, self.stage_anchors[s], self.cache)
-            for s, bounds in enumerate(self.stage_bounds)]
+            LocalStage(target, s, bounds, stage_anchors[s], self.cache) for s, bounds in enumerate(stage_bounds)]
         self.lanes = lanes or Lanes()
 
     # ------------------------------------------------------------------ prefill and start
@@ -179,7 +191,7 @@ class SPDState:
             return verifying, candidate == target_token, target_token, candidate
         p = target_probs(logits, self.params)[0]  # (V,)
         q_draft = q if n == 1 else self.draft_q.index_select(0, candidate_pos % self.slots)[0]
-        q_full = torch.zeros_like(p).index_copy_(0, self.pdm.draft_vocab, q_draft)
+        q_full = torch.zeros_like(p).index_copy_(0, self.draft_vocab, q_draft)
         p_c, q_c = p.index_select(0, candidate), q_full.index_select(0, candidate)
         K = q_draft.shape[0]
         u = self.noise.take(K, 1)
@@ -247,15 +259,7 @@ class SPDState:
         ``kept``-th token: cycles a readback batch ran past it count in ``cycles_run`` only."""
         from .modes.spd import SPDStats  # modes.spd builds on this module
 
-        cycles_run = int(self.cycles)
-        recorded = min(cycles_run, self.max_cycles)
-        num_out_at, accepted_at = self.num_out_at[:recorded].tolist(), self.accepted_at[:recorded].tolist()
-        cycles = next((c + 1 for c, count in enumerate(num_out_at) if count >= kept), 0) if kept else 0
-        trace, verified_before, accepted_before = [], 0, 0
-        for count, accepted_count in zip(num_out_at[:cycles], accepted_at[:cycles]):
-            if count > verified_before:
-                trace.append(accepted_count > accepted_before)
-            verified_before, accepted_before = count, accepted_count
+        cycles_run, cycles, trace = self.verification_history(kept)
         accepted = sum(trace)
         new_tokens, n = common["new_tokens"], self.n
         # n x tokens / cycles: with the stages on n devices a cycle costs one stage (L/n layers), so n cycles
@@ -270,6 +274,21 @@ class SPDState:
             rejected_drafts=len(trace) - accepted, tokens_per_cycle=new_tokens / cycles if cycles else 0.0,
             equivalent_accept_length=equivalent_accept_length, cycles_run=cycles_run)
         return stats, trace
+
+    def verification_history(self, kept: int) -> tuple[int, int, list[bool]]:
+        """From the per-cycle history: the cycles run, the cycles up to the one that committed the ``kept``-th
+        token, and one entry per verification in those (True = the draft was accepted). Cycles a readback batch
+        ran past the last kept token count in the first number only."""
+        cycles_run = int(self.cycles)
+        recorded = min(cycles_run, self.max_cycles)
+        num_out_at, accepted_at = self.num_out_at[:recorded].tolist(), self.accepted_at[:recorded].tolist()
+        cycles = next((c + 1 for c, count in enumerate(num_out_at) if count >= kept), 0) if kept else 0
+        trace, verified_before, accepted_before = [], 0, 0
+        for count, accepted_count in zip(num_out_at[:cycles], accepted_at[:cycles]):
+            if count > verified_before:
+                trace.append(accepted_count > accepted_before)
+            verified_before, accepted_before = count, accepted_count
+        return cycles_run, cycles, trace
 
     def rollback(self, cut: torch.Tensor) -> None:
         """Cut the PDM and this state's own target cache back to ``cut`` entries now (capacity: no cut); a

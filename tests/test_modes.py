@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT = [5, 6, 7, 8, 9, 10]
 # Each mode with the options that make it run on the tiny model (an untrained draft: rejections and flushes).
-RUNNABLE = {"vanilla": {}, "spd": {"stages": 2, "pdm": "untrained"}}
+RUNNABLE = {"vanilla": {}, "spd": {"stages": 2, "pdm": "untrained"}, "ppsd": {"exit_layer": 2}}
 
 
 def test_every_registered_mode_resolves():
@@ -33,8 +33,10 @@ def test_every_registered_mode_resolves():
 def test_another_modes_option_is_a_one_line_error(engine):
     with pytest.raises(UserError, match=r"^--stages applies to --mode spd only$"):
         engine.generate(prompt_ids=PROMPT, max_new_tokens=2, stages=2)
+    with pytest.raises(UserError, match=r"^--exit-layer applies to --mode ppsd only$"):
+        engine.generate(prompt_ids=PROMPT, max_new_tokens=2, mode="spd", exit_layer=2)
     with pytest.raises(UserError, match="not an option of any decoding mode"):
-        engine.generate(prompt_ids=PROMPT, max_new_tokens=2, exit_layer=2)
+        engine.generate(prompt_ids=PROMPT, max_new_tokens=2, exit_depth=2)
 
 
 def test_an_option_shared_by_modes_names_them_all(engine, monkeypatch):

@@ -11,6 +11,7 @@ from .base import DecodingMode
 REGISTRY = {  # name -> "module:class" under spd_engine.modes
     "vanilla": "vanilla:VanillaMode",
     "spd": "spd:SPDMode",
+    "ppsd": "ppsd:PPSDMode",
 }
 MODE_NAMES = tuple(REGISTRY)
 REFERENCE_MODE = "vanilla"  # the mode every other is compared with: at temperature 0 they must agree
