@@ -196,8 +196,7 @@ def _datasets(engine, name: str, options: dict, rows: dict[str, list[dict]]) -> 
     datasets: dict[str, dict] = {}
     for path, prompts in rows.items():
         datasets[_dataset_name(path, datasets)] = {
-            "path": str(path), **summarize(prompts, name), **mode.eval_totals(prompts),
-            "predicted_multi_device_speedup": mode.predicted_multi_device_speedup(prompts), "per_prompt": prompts}
+            "path": str(path), **summarize(prompts, name), **mode.eval_totals(prompts), "per_prompt": prompts}
     return datasets
 
 
@@ -302,6 +301,36 @@ def evaluate_teacher_forced_many(engine, datasets: list[str], pdms: list, *, sta
     return reports
 
 
+def report_sections(report: dict):
+    """(mode, its settings, dataset name, dataset section) for every dataset of a one-mode or a --modes report."""
+    if "modes" in report:
+        for mode, section in report["modes"].items():
+            settings = {k: v for k, v in section.items() if k != "datasets"}
+            for name, d in section["datasets"].items():
+                yield mode, settings, name, d
+    else:
+        settings = {k: v for k, v in report.items() if k != "datasets"}
+        for name, d in report["datasets"].items():
+            yield report.get("mode", TEACHER_FORCED_MODE), settings, name, d
+
+
+def add_predictions(report: dict, times, link) -> dict:
+    """Every dataset's ``predicted``: the simulator's multi-device speed for its mode from its traces
+    (:meth:`DecodingMode.predict`), with the step times and link recorded once in ``report["prediction"]``."""
+    from dataclasses import asdict
+
+    for mode, settings, _, d in report_sections(report):
+        d["predicted"] = mode_class(mode).predict(settings, d["per_prompt"], times, link)
+    report["prediction"] = {"link": asdict(link), "step_times": {"device": times.device, "model": times.model,
+                                                                 "source": times.source}}
+    return report
+
+
+def _predicted_cell(d: dict) -> str:
+    predicted = d.get("predicted")
+    return "n/a" if not predicted else f"{predicted['speedup']:.2f}x on {predicted['devices']}"
+
+
 def _aligned(rows: list[tuple]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
@@ -324,14 +353,17 @@ def format_table(report: dict) -> str:
     rates = ("eq. accept len",) if spd_pipeline else ("tok/target pass", "theor. speedup")
     # The reference mode's own report has one speed: its run is the reference run.
     speed_columns = ("vanilla tok/s",) + (() if mode == REFERENCE_MODE else (f"{mode} tok/s", "wall ratio"))
-    header = ("dataset", "prompts", "lossless", "acceptance", *rates) + (speed_columns if timed else ())
+    predicted = any("predicted" in d for d in report["datasets"].values())
+    header = ("dataset", "prompts", "lossless", "acceptance", *rates) + (speed_columns if timed else ()) + \
+        (("predicted",) if predicted else ())
     rows = [header]
     for name, d in report["datasets"].items():
         rate_cells = (f"{d['equivalent_accept_length']:.2f}",) if spd_pipeline else \
             (f"{d['tokens_per_target_pass']:.2f}", f"{d['theoretical_speedup']:.2f}")
         speeds = (f"{d['vanilla_tokens_per_s']:.1f}", f"{d[f'{mode}_tokens_per_s']:.1f}",
                   f"{d['wall_clock_ratio']:.2f}")[:len(speed_columns)] if timed else ()
-        rows.append((name, str(d["prompts"]), _lossless_cell(d), _acceptance_cell(d), *rate_cells) + speeds)
+        rows.append((name, str(d["prompts"]), _lossless_cell(d), _acceptance_cell(d), *rate_cells) + speeds +
+                    ((_predicted_cell(d),) if predicted else ()))
     settings = f"T={report['temperature']}, max {report['max_new_tokens']} new tokens, {report['device']}"
     if "stages" in report:  # an SPD pipeline (real or teacher-forced)
         caption = (f"SPD n={report['stages']} (stage layers {','.join(map(str, report['stage_layers']))}), "
@@ -343,7 +375,16 @@ def format_table(report: dict) -> str:
         else [TOKENS_PER_TARGET_PASS]
     if timed and mode != REFERENCE_MODE:
         notes.append(f"wall ratio: {mode} tok/s / vanilla tok/s" + (f"; {EAGER_WALL_CLOCK}" if spd_pipeline else ""))
+    if predicted:
+        notes.append(_prediction_note(report))
     return "\n".join([caption, *_aligned(rows), *notes])
+
+
+def _prediction_note(report: dict) -> str:
+    how = report["prediction"]
+    return (f"predicted: the simulator's speedup over vanilla on one device, with the mode's work on that many "
+            f"devices (step times: {how['step_times']['device']}, {how['step_times']['source']}; link "
+            f"{how['link']['name']})")
 
 
 TOKENS_PER_TARGET_PASS = ("tok/target pass: new tokens per full pass of the target's layers (vanilla 1, SPD n x new "
@@ -352,19 +393,21 @@ TOKENS_PER_TARGET_PASS = ("tok/target pass: new tokens per full pass of the targ
 
 def format_modes_table(report: dict) -> str:
     """Several modes' report (:func:`evaluate_modes`): a row per mode and dataset, side by side."""
+    predicted = "prediction" in report
     header = ("mode", "dataset", "prompts", "lossless", "acceptance", "tok/target pass", "theor. speedup", "tok/s",
-              "wall ratio")
+              "wall ratio") + (("predicted",) if predicted else ())
     rows = [header]
     for mode, section in report["modes"].items():
         for name, d in section["datasets"].items():
             rows.append((mode, name, str(d["prompts"]), _lossless_cell(d), _acceptance_cell(d),
                          f"{d['tokens_per_target_pass']:.2f}", f"{d['theoretical_speedup']:.2f}",
-                         f"{d[f'{mode}_tokens_per_s']:.1f}", f"{d['wall_clock_ratio']:.2f}"))
+                         f"{d[f'{mode}_tokens_per_s']:.1f}", f"{d['wall_clock_ratio']:.2f}") +
+                        ((_predicted_cell(d),) if predicted else ()))
     caption = (f"{', '.join(report['modes'])} on the same prompts, T={report['temperature']}, "
                f"max {report['max_new_tokens']} new tokens, {report['device']}")
     notes = [TOKENS_PER_TARGET_PASS,
              "wall ratio: the mode's tok/s / vanilla tok/s in this process, on this device (lossless: same tokens "
-             "as vanilla at T=0)"]
+             "as vanilla at T=0)"] + ([_prediction_note(report)] if predicted else [])
     return "\n".join([caption, *_aligned(rows), *notes])
 
 
@@ -401,6 +444,27 @@ def add_arguments(p) -> None:
                    help="teacher-forced: keep the target's answers in this file and reuse them when the prompts "
                         "and settings match (evaluating several PDMs then generates them once)")
     p.add_argument("--out", default=None, help="write the full report (per prompt, with traces) as JSON here")
+    p.add_argument("--times", default=None, metavar="JSON",
+                   help="step times for the predicted multi-device speed (`spd-engine simulate --save-times`, or "
+                        "a GPU benchmark's); default: measured here after the runs")
+    p.add_argument("--link", default="nvlink", help="link between devices for the prediction (a simulate preset)")
+    p.add_argument("--no-predict", dest="predict", action="store_false",
+                   help="leave out the predicted multi-device speed (and the step-time measurement it needs)")
+
+
+def _step_times(engine, args, report: dict):
+    """``--times``, or the step times measured here, with the PDM's time at the report's SPD n (if any)."""
+    from .simulate import StepTimes, busy_machine_warning, measure_step_times
+
+    if args.times:
+        return StepTimes.from_json(args.times)
+    stages = sorted({settings["stages"] for mode, settings, _, _ in report_sections(report) if "stages" in settings})
+    busy = busy_machine_warning()
+    if busy and engine.model.device.type == "cpu":
+        print(busy, file=sys.stderr)
+    print(f"measuring step times on {engine.model.device} for the prediction (--no-predict skips this) ...",
+          file=sys.stderr)
+    return measure_step_times(engine, stages or [2])
 
 
 def run(args) -> int:
@@ -410,17 +474,27 @@ def run(args) -> int:
 
     if args.modes and (args.method != "spd" or args.answers_cache):
         raise UserError("--modes runs every mode for real: drop --method teacher-forced and --answers-cache")
+    if args.predict:
+        from .simulate import StepTimes, resolve_link
+
+        link = resolve_link(args.link, None, None)  # a bad preset or times file fails now, not after the runs
+        if args.times:
+            StepTimes.from_json(args.times)
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                     limit=args.limit, graph=args.graph, **mode_options(args))
     if args.modes:
         report = evaluate_modes(engine, args.data, args.modes, **settings)
+        if args.predict:
+            add_predictions(report, _step_times(engine, args, report), link)
         print(format_modes_table(report))
         sections = {f"{mode} on {name}": d for mode, section in report["modes"].items()
                     for name, d in section["datasets"].items()}
     else:
         report = evaluate(engine, args.data, mode=args.mode, method=args.method, answers_cache=args.answers_cache,
                           **settings)
+        if args.predict:
+            add_predictions(report, _step_times(engine, args, report), link)
         print(format_table(report))
         sections = report["datasets"]
     if args.out:

@@ -9,8 +9,10 @@ from spd_engine import modes
 from spd_engine.cli import main
 from spd_engine.errors import UserError
 from spd_engine.modes.base import DecodeStats, DecodingMode, run_decoder
+from spd_engine.modes.ppsd import predict_ppsd
 from spd_engine.modes.vanilla import VanillaMode
 from spd_engine.sampling import SamplingParams
+from spd_engine.simulate import LINK_PRESETS, StepTimes, Traces, simulate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,20 +134,41 @@ def test_eval_modes_side_by_side(tiny_dir, tmp_path, capsys):
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"question_id": i, "turns": [p]}) + "\n"
                             for i, p in enumerate(["Say hi.", "Name a colour.", "Count to three."])))
-    out = tmp_path / "modes.json"
-    code = main(["eval", "--model", str(tiny_dir), "--modes", "vanilla,spd", "--stages", "2", "--pdm", "untrained",
-                 "--data", str(data), "--limit", "2", "--max-new-tokens", "8", "--out", str(out)])
+    out, times_file = tmp_path / "modes.json", tmp_path / "times.json"
+    layers = json.loads((tiny_dir / "config.json").read_text())["num_hidden_layers"]
+    times = StepTimes(layer_ms=[1.0 + i / 10 for i in range(layers)], head_ms=0.5, verify_ms=0.1, pdm_ms=0.3,
+                      hidden_size=64)
+    times.to_json(times_file)
+    code = main(["eval", "--model", str(tiny_dir), "--modes", "vanilla,spd,ppsd", "--stages", "2", "--pdm",
+                 "untrained", "--exit-layer", "1", "--data", str(data), "--limit", "2", "--max-new-tokens", "8",
+                 "--times", str(times_file), "--link", "pcie", "--out", str(out)])
     table = capsys.readouterr().out.splitlines()
     assert code == 0
     assert table[1].split()[:4] == ["mode", "dataset", "prompts", "lossless"]
-    assert [row.split()[:4] for row in table[2:4]] == [["vanilla", "chat", "2", "2/2"], ["spd", "chat", "2", "2/2"]]
+    assert table[1].split()[-1] == "predicted"
+    assert [row.split()[:4] for row in table[2:5]] == [["vanilla", "chat", "2", "2/2"], ["spd", "chat", "2", "2/2"],
+                                                      ["ppsd", "chat", "2", "2/2"]]
     report = json.loads(out.read_text())
-    assert list(report["modes"]) == ["vanilla", "spd"] and report["modes"]["spd"]["stages"] == 2
+    assert list(report["modes"]) == ["vanilla", "spd", "ppsd"] and report["modes"]["spd"]["stages"] == 2
+    assert report["modes"]["ppsd"]["exit_layer"] == 1
+    # The predictions are the simulator's, from each mode's own traces and these step times.
+    link = LINK_PRESETS["pcie"]
+    predicted = {name: report["modes"][name]["datasets"]["chat"]["predicted"] for name in report["modes"]}
+    assert predicted["vanilla"] == {"devices": 1, "tokens_per_s": pytest.approx(1e3 / times.vanilla_token_ms()),
+                                    "vanilla_tokens_per_s": pytest.approx(1e3 / times.vanilla_token_ms()),
+                                    "speedup": 1.0}
+    spd_traces = [p["trace"] for p in report["modes"]["spd"]["datasets"]["chat"]["per_prompt"]]
+    expected = simulate(Traces(spd_traces, "eval", recorded_stages=2), times, link, [2]).predictions[0]
+    assert predicted["spd"]["devices"] == 3 and predicted["spd"]["speedup"] == pytest.approx(expected.speedup)
+    ppsd_traces = [p["trace"] for p in report["modes"]["ppsd"]["datasets"]["chat"]["per_prompt"]]
+    expected = predict_ppsd(times.layer_ms, times.head_ms, link, ppsd_traces, 1, 64)
+    assert predicted["ppsd"]["devices"] == 2 and predicted["ppsd"]["speedup"] == pytest.approx(expected.speedup)
+    assert report["prediction"]["link"]["name"] == "pcie"
     vanilla, spd = (report["modes"][name]["datasets"]["chat"] for name in ("vanilla", "spd"))
     for name, d in (("vanilla", vanilla), ("spd", spd)):
         assert d["prompts"] == 2 and d["lossless"] is True and d[f"{name}_tokens_per_s"] > 0
         assert {"acceptance_rate", "tokens_per_target_pass", "theoretical_speedup", "wall_clock_ratio",
-                "predicted_multi_device_speedup", "per_prompt"} <= set(d)
+                "per_prompt"} <= set(d)
     assert vanilla["tokens_per_target_pass"] == vanilla["theoretical_speedup"] == 1.0
     assert vanilla["accepted"] + vanilla["rejected"] == 0
     assert spd["tokens_per_target_pass"] == pytest.approx(spd["equivalent_accept_length"])

@@ -127,10 +127,12 @@ class DecodingMode:
         """What eval reports per dataset beside the common totals, from its per-prompt rows."""
         return {}
 
-    def predicted_multi_device_speedup(self, per_prompt: list[dict]) -> float | None:
-        """The speedup over vanilla decoding this mode is predicted to reach with its work spread over several
-        devices, from eval's per-prompt rows (traces and counts). None: no prediction for this mode yet
-        (the simulator, spd_engine/simulate.py, is wired to the modes later)."""
+    @classmethod
+    def predict(cls, settings: dict, per_prompt: list[dict], times, link) -> dict | None:
+        """The simulator's prediction (:mod:`spd_engine.simulate`) for this mode with its work spread over
+        devices, against vanilla decoding on one: from the mode's settings (:meth:`describe`), eval's per-prompt
+        rows (traces, counts), step times (``simulate.StepTimes``) and a link (``simulate.Link``). Returns
+        {"devices", "tokens_per_s", "vanilla_tokens_per_s", "speedup"}, or None when the mode has no model."""
         return None
 
 

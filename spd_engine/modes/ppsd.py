@@ -179,6 +179,7 @@ class PPSDMode(DecodingMode):
     def __init__(self, engine, exit_layer: int | None = None, exit_adapter=None):
         super().__init__(engine)
         model = engine.model
+        self.adapter_spec = str(exit_adapter) if exit_adapter is not None else None
         adapter = ExitAdapter.load(exit_adapter, model, exit_layer) if exit_adapter is not None else None
         if exit_layer is None:
             exit_layer = (adapter.config.exit_layer if adapter is not None
@@ -188,6 +189,20 @@ class PPSDMode(DecodingMode):
 
     def decoder(self, prompt_len: int, max_new_tokens: int, params: SamplingParams, readback: int) -> PPSDState:
         return ppsd_decoder(self.engine.model, self.draft, prompt_len, max_new_tokens, params, readback)
+
+    def describe(self) -> dict:
+        return {"exit_layer": self.draft.exit_layer, "exit_adapter": self.adapter_spec}
+
+    def eval_row(self, stats: PPSDStats) -> dict:
+        return {"cycles": stats.cycles}
+
+    @classmethod
+    def predict(cls, settings: dict, per_prompt: list[dict], times, link) -> dict:
+        """The early layers and the exit head on one device, the late layers and the head on another."""
+        prediction = predict_ppsd(times.layer_ms, times.head_ms, link, [p["trace"] for p in per_prompt],
+                                  settings["exit_layer"], times.hidden_size, times.dtype_bytes)
+        return {"devices": 2, "tokens_per_s": prediction.tokens_per_s,
+                "vanilla_tokens_per_s": prediction.vanilla_tokens_per_s, "speedup": prediction.speedup}
 
 
 def generate_ppsd(model: Model, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams, eos_ids,

@@ -97,3 +97,14 @@ class SPDMode(DecodingMode):
 
     def eval_totals(self, prompts: list[dict]) -> dict:
         return spd_totals(prompts, self.pdm.config.stages)
+
+    @classmethod
+    def predict(cls, settings: dict, per_prompt: list[dict], times, link) -> dict:
+        """n stages on n devices plus one for the PDM and controller (simulate.py's dedicated layout)."""
+        from ..simulate import Traces, simulate
+
+        traces = Traces([p["trace"] for p in per_prompt], source="eval", recorded_stages=settings["stages"])
+        sim = simulate(traces, times, link, [settings["stages"]])
+        prediction = sim.predictions[0]
+        return {"devices": prediction.devices, "tokens_per_s": prediction.tokens_per_s,
+                "vanilla_tokens_per_s": sim.vanilla_tokens_per_s, "speedup": prediction.speedup}

@@ -87,3 +87,8 @@ class VanillaMode(DecodingMode):
 
     def decoder(self, prompt_len: int, max_new_tokens: int, params: SamplingParams, readback: int) -> VanillaStep:
         return vanilla_decoder(self.engine.model, prompt_len, max_new_tokens, params, readback)
+
+    @classmethod
+    def predict(cls, settings: dict, per_prompt: list[dict], times, link) -> dict:
+        tokens_per_s = 1e3 / times.vanilla_token_ms()
+        return {"devices": 1, "tokens_per_s": tokens_per_s, "vanilla_tokens_per_s": tokens_per_s, "speedup": 1.0}
