@@ -485,6 +485,9 @@ def resolve_link(name: str, latency_us: float | None, bandwidth_gbs: float | Non
 def add_arguments(p) -> None:
     from .cli import _add_model_args
 
+    p.add_argument("--mode", default="spd",
+                   help="the decoding mode to predict: spd (a sweep over n), or any other registered mode, whose "
+                        "settings and traces come from its `spd-engine eval --mode M --out` report (--trace)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--trace", metavar="EVAL_JSON", help="acceptance traces from `spd-engine eval --out`")
     source.add_argument("--acceptance", type=float, metavar="P", help="synthetic i.i.d. per-draft acceptance")
@@ -511,23 +514,10 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     stages = parse_stage_counts(args.stages)
     link = resolve_link(args.link, args.link_latency_us, args.link_bandwidth_gbs)
+    if args.mode != "spd":
+        return run_other_mode(args, link)
     traces = load_eval_traces(args.trace) if args.trace else iid_traces(args.acceptance, args.verifications, args.seed)
-    if args.times:
-        times = StepTimes.from_json(args.times)
-    else:
-        from .engine import Engine
-
-        if args.repeats < 1:
-            raise UserError(f"--repeats must be >= 1, got {args.repeats}")
-        busy = busy_machine_warning()  # before loading: the load average must not count this process's own work
-        engine = Engine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
-        if busy and engine.model.device.type == "cpu":
-            print(busy, file=sys.stderr)
-        print(f"measuring step times of {args.model} on {engine.model.device} ...", file=sys.stderr)
-        times = measure_step_times(engine, stages, context=args.context, repeats=args.repeats,
-                                   tower_layers=args.tower_layers, draft_vocab=args.draft_vocab)
-        if args.save_times:
-            print(f"wrote {times.to_json(args.save_times)}", file=sys.stderr)
+    times = step_times(args, stages)
     sim = simulate(traces, times, link, stages, layout=args.layout)
     plotted = plot(sim, args.plot) if args.plot else None
     if args.json:
@@ -536,4 +526,65 @@ def run(args) -> int:
         print(format_table(sim))
         if plotted:
             print(f"wrote {plotted}", file=sys.stderr)
+    return 0
+
+
+def step_times(args, stages: list[int]) -> StepTimes:
+    """``--times``, or the model's step times measured here (``--save-times`` keeps them)."""
+    if args.times:
+        return StepTimes.from_json(args.times)
+    from .engine import Engine
+
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    busy = busy_machine_warning()  # before loading: the load average must not count this process's own work
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    if busy and engine.model.device.type == "cpu":
+        print(busy, file=sys.stderr)
+    print(f"measuring step times of {args.model} on {engine.model.device} ...", file=sys.stderr)
+    times = measure_step_times(engine, stages, context=args.context, repeats=args.repeats,
+                               tower_layers=args.tower_layers, draft_vocab=args.draft_vocab)
+    if args.save_times:
+        print(f"wrote {times.to_json(args.save_times)}", file=sys.stderr)
+    return times
+
+
+def run_other_mode(args, link: Link) -> int:
+    """A mode other than SPD: its prediction (:meth:`DecodingMode.predict`) from an eval report's traces."""
+    from .evaluate import report_sections
+    from .modes import mode_class
+
+    mode = mode_class(args.mode)  # an unknown name is the usual one-line error
+    if not args.trace:
+        raise UserError(f"--mode {args.mode} predicts from an eval report: add --trace EVAL_JSON "
+                        f"(`spd-engine eval --mode {args.mode} --out EVAL_JSON`)")
+    path = Path(args.trace)
+    try:
+        report = json.loads(path.read_text())
+        sections = [(settings, d["per_prompt"]) for name, settings, _, d in report_sections(report)
+                    if name == args.mode]
+    except FileNotFoundError as exc:
+        raise UserError(f"trace file '{path}' does not exist") from exc
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"'{path}' is not an `spd-engine eval --out` report ({exc})") from exc
+    if not sections:
+        raise UserError(f"'{path}' holds no {args.mode} results: make it with `spd-engine eval --mode {args.mode}`")
+    settings = sections[0][0]
+    per_prompt = [row for _, rows in sections for row in rows]
+    times = step_times(args, [settings.get("stages", 2)])
+    try:
+        prediction = mode.predict(settings, per_prompt, times, link)
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"'{path}' lacks what the {args.mode} prediction needs ({exc})") from exc
+    if prediction is None:
+        raise UserError(f"the simulator has no model of --mode {args.mode}")
+    result = {"mode": args.mode, "settings": settings, "link": asdict(link), "step_times": asdict(times),
+              "prompts": len(per_prompt), **prediction}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.mode} from {path} ({len(per_prompt)} prompts), step times {times.device} [{times.source}], "
+              f"link {link.name}\nvanilla on 1 device: {prediction['vanilla_tokens_per_s']:.1f} tok/s\n"
+              f"{args.mode} on {prediction['devices']} devices: {prediction['tokens_per_s']:.1f} tok/s, "
+              f"speedup {prediction['speedup']:.2f}")
     return 0

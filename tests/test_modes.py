@@ -174,3 +174,11 @@ def test_eval_modes_side_by_side(tiny_dir, tmp_path, capsys):
     assert spd["tokens_per_target_pass"] == pytest.approx(spd["equivalent_accept_length"])
     assert spd["equivalent_accept_length"] == pytest.approx(2 * spd["new_tokens"] / spd["cycles"])
     assert [p["new_tokens"] for p in spd["per_prompt"]] == [p["new_tokens"] for p in vanilla["per_prompt"]]
+    # `simulate --mode` gives the same prediction from the report alone; without a report it says what it needs.
+    capsys.readouterr()
+    assert main(["simulate", "--mode", "ppsd", "--trace", str(out), "--times", str(times_file), "--link", "pcie",
+                 "--json"]) == 0
+    simulated = json.loads(capsys.readouterr().out)
+    assert simulated["speedup"] == pytest.approx(predicted["ppsd"]["speedup"]) and simulated["devices"] == 2
+    assert main(["simulate", "--mode", "ppsd", "--acceptance", "0.5", "--times", str(times_file)]) == 2
+    assert "predicts from an eval report" in capsys.readouterr().err
