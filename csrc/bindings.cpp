@@ -6,7 +6,8 @@
 // handles (integers). spd_engine/ops/cuda_backend.py fills one struct per plan, once, on the host; the
 // per-call launchers (run_*) then take that prebuilt struct plus only the pointers that change from call to
 // call, copy the struct on the C++ side, patch those pointers in and launch. Nothing per call is converted
-// but a handful of integers.
+// but a handful of integers. The classes are module-local, so a second build of the library (tests/test_build.py
+// loads build/cmake-test's next to an installed one) registers its own instead of clashing.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -56,7 +57,7 @@ struct AggregateCall {
       [](Type& s, Address p) { s.field = reinterpret_cast<std::remove_reference_t<decltype(s.field)>>(p); })
 #define SPD_STRIDES(cls, Type, name, field)                                                              \
   cls.def_property(                                                                                      \
-      name, [](const Type& s) { return Strides{s.field[0], s.field[1], s.field[2]}; },                  \
+      name, [](const Type& s) { return py::make_tuple(s.field[0], s.field[1], s.field[2]); },           \
       [](Type& s, const Strides& v) {                                                                    \
         for (int i = 0; i < 3; ++i) s.field[i] = v[i];                                                   \
       })
@@ -147,7 +148,8 @@ void run_aggregate(const AggregateCall& call, Address anchors, Address weight_ca
 PYBIND11_MODULE(_C, m) {
   m.doc() = "spd-engine CUDA kernels: bound argument structs + launchers (see spd_engine/ops/cuda_backend.py)";
 
-  py::class_<AttentionCall> attention(m, "AttentionArgs", "spd::AttentionArgs (csrc/ops.h) + dtype, device");
+  py::class_<AttentionCall> attention(m, "AttentionArgs", "spd::AttentionArgs (csrc/ops.h) + dtype, device",
+                                     py::module_local());
   attention.def(py::init<>());
   SPD_PTR(attention, AttentionCall, "q", args.q);
   SPD_PTR(attention, AttentionCall, "k_cache", args.k_cache);
@@ -177,7 +179,8 @@ PYBIND11_MODULE(_C, m) {
   SPD_FIELD(attention, AttentionCall, "dtype", dtype);
   SPD_FIELD(attention, AttentionCall, "device", device);
 
-  py::class_<AppendKVCall> append(m, "AppendKVArgs", "spd::AppendKVArgs (csrc/ops.h) + dtype, device");
+  py::class_<AppendKVCall> append(m, "AppendKVArgs", "spd::AppendKVArgs (csrc/ops.h) + dtype, device",
+                                  py::module_local());
   append.def(py::init<>());
   SPD_PTR(append, AppendKVCall, "k_cache", args.k_cache);
   SPD_PTR(append, AppendKVCall, "v_cache", args.v_cache);
@@ -197,7 +200,8 @@ PYBIND11_MODULE(_C, m) {
   SPD_FIELD(append, AppendKVCall, "device", device);
   bind_rotary(attention, append);
 
-  py::class_<RmsNormCall> norm(m, "RmsNormArgs", "spd::RmsNormArgs (csrc/ops.h) + x_dtype, weight_dtype, device");
+  py::class_<RmsNormCall> norm(m, "RmsNormArgs", "spd::RmsNormArgs (csrc/ops.h) + x_dtype, weight_dtype, device",
+                               py::module_local());
   norm.def(py::init<>());
   SPD_PTR(norm, RmsNormCall, "x", args.x);
   SPD_PTR(norm, RmsNormCall, "residual", args.residual);
@@ -215,7 +219,8 @@ PYBIND11_MODULE(_C, m) {
   SPD_FIELD(norm, RmsNormCall, "weight_dtype", weight_dtype);
   SPD_FIELD(norm, RmsNormCall, "device", device);
 
-  py::class_<AggregateCall> aggregate(m, "AggregateArgs", "spd::AggregateArgs (csrc/ops.h) + dtype, device");
+  py::class_<AggregateCall> aggregate(m, "AggregateArgs", "spd::AggregateArgs (csrc/ops.h) + dtype, device",
+                                    py::module_local());
   aggregate.def(py::init<>());
   SPD_PTR(aggregate, AggregateCall, "anchors", args.anchors);
   SPD_PTR(aggregate, AggregateCall, "weight_cat", args.weight_cat);
