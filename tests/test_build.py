@@ -173,3 +173,14 @@ def test_an_attention_plan_binds_the_caches_and_rotary_layout(cuda_backend_on):
                             lengths.data_ptr(), cos.data_ptr(), sin.data_ptr()]
     assert args.q_stride == q.stride()[:3] and args.k_cache_stride == k_cache.stride()[:3]
     assert (args.rotary_len, args.rotary_row_stride, args.softmax_scale) == (S, D // 2, pytest.approx(D ** -0.5))
+
+
+def test_the_kernels_folder_installs_as_spd_engine_kernels():
+    """setup.py maps the top-level kernels/ folder to spd_engine.kernels (PyPI's `kernels` is another project);
+    from a source tree, spd_engine/__init__.py registers the same name, so imports read alike everywhere."""
+    setup_module = _load_from(ROOT / "setup.py", "spd_engine_setup")
+    packages = setup_module.packages()
+    assert "spd_engine.kernels" in packages and "kernels" not in packages and "spd_engine.ops" in packages
+    split_kv = importlib.import_module("spd_engine.kernels.split_kv")
+    assert Path(split_kv.__file__).resolve().parent in (ROOT / "kernels", ROOT / "spd_engine" / "kernels")
+    assert split_kv.__name__ == "spd_engine.kernels.split_kv"

@@ -36,7 +36,7 @@ except ImportError as exc:  # not built: no nvcc at install time, or SPD_ENGINE_
         f"to enable the 'cuda' backend ({exc})"
     ) from exc
 
-from kernels.split_kv import cdiv, plan_splits
+from spd_engine.kernels.split_kv import cdiv, plan_splits
 
 from . import reference
 

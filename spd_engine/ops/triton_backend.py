@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels import aggregate as _aggregate
-from kernels import attention as _attention
-from kernels import rms_norm as _rms_norm
-from kernels import swiglu as _swiglu
+from spd_engine.kernels import aggregate as _aggregate
+from spd_engine.kernels import attention as _attention
+from spd_engine.kernels import rms_norm as _rms_norm
+from spd_engine.kernels import swiglu as _swiglu
 
 from . import reference
 
