@@ -129,7 +129,8 @@ def test_a_plan_fills_its_struct_once_and_runs_pass_only_pointers(cuda_backend_o
     backend, launches = cuda_backend_on
     fills = []
     real_fill = backend._fill
-    monkeypatch.setattr(backend, "_fill", lambda args, **fields: fills.append(sorted(fields)) or real_fill(args, **fields))
+    monkeypatch.setattr(backend, "_fill",
+                        lambda args, **fields: fills.append(sorted(fields)) or real_fill(args, **fields))
     plan = backend._plan_rms_norm((2, 64), torch.float32, torch.float32, True, torch.device("cpu"))
     assert len(fills) == 1
     weight = torch.randn(64)
@@ -148,6 +149,8 @@ def test_a_plan_fills_its_struct_once_and_runs_pass_only_pointers(cuda_backend_o
     strided = torch.randn(2, 128)[:, :64]
     backend._run_rms_norm(plan, strided, residual, weight, 1e-5, plan.out, plan.residual_out)
     assert len(fills) == 3 and args.x_row_stride == 128  # a new layout refills the struct
+    backend._run_rms_norm(plan, strided, None, weight, 1e-5, plan.out, plan.residual_out)
+    assert len(fills) == 3 and launches[-1][1][2] == 0  # no residual: the bound layout still serves
 
 
 def test_an_attention_plan_binds_the_caches_and_rotary_layout(cuda_backend_on):

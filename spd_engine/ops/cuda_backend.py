@@ -310,8 +310,14 @@ def _run_rms_norm(plan: RmsNormPlan, x, residual, weight, eps: float, out, resid
     if out.shape != x.shape or (residual is not None and (residual_out is None or residual_out.shape != x.shape)):
         raise ValueError("the rms_norm plan does not match this call")
     residual_out_ptr = residual_out.data_ptr() if residual_out is not None else 0
-    layout = (x_rows.stride(0), residual_rows.stride(0) if residual is not None else 0, eps, out.data_ptr(),
-              residual_out_ptr)
+    # Without a residual the kernel reads neither residual stride nor residual_out: keep what is bound, so a
+    # plan serving both kinds of call (a stage's first layer has no residual yet) is not refilled for it.
+    if residual is not None:
+        residual_stride = residual_rows.stride(0)
+    else:
+        residual_stride = binding.layout[1] if binding.layout is not None else 0
+        residual_out_ptr = binding.layout[4] if binding.layout is not None else residual_out_ptr
+    layout = (x_rows.stride(0), residual_stride, eps, out.data_ptr(), residual_out_ptr)
     if layout != binding.layout:
         _fill(binding.args, x_row_stride=layout[0], residual_row_stride=layout[1], eps=eps, out=out.data_ptr(),
               residual_out=residual_out_ptr)
@@ -501,9 +507,8 @@ def rms_norm(x, weight, eps, residual=None, plan=None):
           or plan.weight_dtype != weight.dtype or (residual is not None and not plan.with_residual)):
         raise ValueError(f"this rms_norm plan does not fit x {tuple(x.shape)} {x.dtype}, weight {weight.dtype}"
                          f"{', residual' if residual is not None else ''}: {plan}")
-    residual_out = plan.residual_out if residual is not None else None
-    _rms_norm_op(x, residual, weight, float(eps), plan.out, residual_out, plan.plan_id)
-    return plan.out, (residual_out if residual is not None else x)
+    _rms_norm_op(x, residual, weight, float(eps), plan.out, plan.residual_out, plan.plan_id)
+    return plan.out, (plan.residual_out if residual is not None else x)
 
 
 def plan_swiglu_mlp(x_shape, gate_up_weight, down_weight):
