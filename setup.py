@@ -78,5 +78,16 @@ class BuildCudaExtension(build_ext):
         shutil.copyfile(built, destination)
 
 
+def packages() -> list[str]:
+    """spd_engine and its subpackages, plus the top-level kernels/ folder as spd_engine.kernels (mapped by
+    package_dir; PyPI's unrelated `kernels` package keeps its name). From a source tree, spd_engine/__init__.py
+    makes the same name resolve to kernels/."""
+    from setuptools import find_namespace_packages  # what pyproject's packages.find did: data folders too
+
+    found = find_namespace_packages(include=["spd_engine", "spd_engine.*"], exclude=["*__pycache__*"])
+    return found + ["spd_engine.kernels"]
+
+
 if __name__ == "__main__":  # setuptools runs this file as __main__; tests import find_nvcc from it
-    setup(ext_modules=[CMakeExtension("spd_engine._C")], cmdclass={"build_ext": BuildCudaExtension})
+    setup(packages=packages(), package_dir={"spd_engine.kernels": "kernels"},
+          ext_modules=[CMakeExtension("spd_engine._C")], cmdclass={"build_ext": BuildCudaExtension})

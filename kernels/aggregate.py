@@ -11,8 +11,12 @@ Layout (docs/ARCHITECTURE.md, "The draft module"; spd_engine/ops/reference.py):
 Grid (ceil(H / BLOCK_N), R): each program computes BLOCK_N output features of one row as a GEMV over the
 t + 1 anchor vectors of its slot against the matching column blocks of weight_cat; rows of different types
 run side by side in the same launch, and no concatenated copy of the anchors is made.
+
+``plan`` allocates the output once (host side); ``run`` launches into it.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -48,8 +52,20 @@ def _aggregate_features_kernel(
     tl.store(OUT + row * stride_out + offs_n, acc.to(OUT.dtype.element_ty), mask=n_valid)
 
 
-def aggregate_features(anchors, weight_cat, row_slots, row_types):
-    """See spd_engine.ops.reference.aggregate_features and the module docstring for the layout."""
+@dataclass(frozen=True)
+class AggregatePlan:
+    """The (rows, H) output, allocated once (plan); ``run`` launches into it."""
+    rows: int
+    dtype: torch.dtype
+    out: torch.Tensor
+
+
+def plan(rows: int, hidden: int, dtype: torch.dtype, device) -> AggregatePlan:
+    return AggregatePlan(int(rows), dtype, torch.empty((int(rows), hidden), dtype=dtype, device=device))
+
+
+def run(aggregate_plan: AggregatePlan, anchors, weight_cat, row_slots, row_types):
+    """aggregate_features into ``aggregate_plan.out`` (returned)."""
     S, m, H = anchors.shape
     if weight_cat.shape != (H, H * m * (m + 1) // 2):
         raise ValueError(f"weight_cat must be ({H}, {H * m * (m + 1) // 2}), got {tuple(weight_cat.shape)}")
@@ -60,7 +76,10 @@ def aggregate_features(anchors, weight_cat, row_slots, row_types):
     if anchors.stride(-1) != 1 or weight_cat.stride(-1) != 1:
         raise ValueError("anchors and weight_cat must be contiguous along their last dimension")
     rows = row_slots.shape[0]
-    out = torch.empty((rows, H), dtype=anchors.dtype, device=anchors.device)
+    out = aggregate_plan.out
+    if out.shape != (rows, H) or out.dtype != anchors.dtype:
+        raise ValueError(f"this aggregate plan is for {tuple(out.shape)} {out.dtype}; got {rows} rows of "
+                         f"{H} {anchors.dtype}")
     if rows == 0 or H == 0:
         return out
     _aggregate_features_kernel[(triton.cdiv(H, BLOCK_N), rows)](
@@ -69,3 +88,10 @@ def aggregate_features(anchors, weight_cat, row_slots, row_types):
         BLOCK_N=BLOCK_N, BLOCK_K=min(128, triton.next_power_of_2(H)), num_warps=4,
     )
     return out
+
+
+def aggregate_features(anchors, weight_cat, row_slots, row_types):
+    """See spd_engine.ops.reference.aggregate_features and the module docstring for the layout. One plan and
+    one run."""
+    return run(plan(row_slots.shape[0], anchors.shape[2], anchors.dtype, anchors.device), anchors, weight_cat,
+               row_slots, row_types)

@@ -37,6 +37,38 @@ def check_shape(name: str, tensor: torch.Tensor, shape: Sequence[int]) -> torch.
     return tensor
 
 
+@dataclass(frozen=True)
+class LayerPlans:
+    """Plans (``ops.plan_*``, host side, once) for the decoder layers of one fixed-shape step: outputs and
+    workspaces allocated once, so every layer's ops launch without allocating. One set serves all the layers
+    of a stage: they run one after another, and each buffer is consumed before the next layer rewrites it.
+    The two norms have separate plans, so no norm reads the residual buffer it writes. A None member (the
+    torch backend, or inputs a backend's kernels do not cover) runs that op unplanned."""
+    attention: object = None
+    input_norm: object = None
+    post_norm: object = None
+    mlp: object = None
+
+    @classmethod
+    def for_step(cls, model: "Model", cache: KVCache, cache_layer: int, first_layer: int, tokens: int = 1
+                 ) -> "LayerPlans":
+        """Plans for ``tokens`` new tokens of one sequence per step, over ``cache`` (its slot ``cache_layer``
+        holds model layer ``first_layer``; every slot has the same shape)."""
+        cfg, backend = model.config, model.backend
+        layer = model.layers[first_layer]
+        x_shape = (1, tokens, cfg.hidden_size)
+        return cls(
+            attention=ops.plan_attention((1, tokens, cfg.num_heads, cfg.head_dim), *cache.layer(cache_layer)[:2],
+                                         backend=backend),
+            input_norm=ops.plan_rms_norm(x_shape, model.dtype, layer.input_norm, backend=backend),
+            post_norm=ops.plan_rms_norm(x_shape, model.dtype, layer.post_norm, backend=backend),
+            mlp=ops.plan_swiglu_mlp(x_shape, layer.gate_up, layer.down, backend=backend),
+        )
+
+
+_NO_PLANS = LayerPlans()
+
+
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # (H,)
@@ -213,24 +245,27 @@ class Model:
         return F.linear(out.reshape(B, out.shape[1], cfg.q_size), layer.o_proj)
 
     def decoder_layer(self, layer: LayerWeights, hidden: torch.Tensor, residual: torch.Tensor | None, attend,
-                      keep: int | None = None):
+                      keep: int | None = None, plans: LayerPlans | None = None):
         """One decoder layer in the fused-residual form: returns (branch output, residual stream).
 
         The layer's true output is ``branch + residual``; deferring that add lets it fuse into the next
         layer's input RMSNorm. With ``keep``, every row is a key but only the first ``keep`` rows leave the
         layer (``attend`` answers their queries only): the rest of the layer runs on those rows alone.
+        ``plans`` (for this step's shape) make the norms and the MLP write into buffers planned once.
         """
         eps = self.config.rms_norm_eps
-        x, residual = ops.rms_norm(hidden, layer.input_norm, eps, residual, backend=self.backend)
+        plans = plans or _NO_PLANS
+        x, residual = ops.rms_norm(hidden, layer.input_norm, eps, residual, backend=self.backend,
+                                   plan=plans.input_norm)
         hidden = self.attention_block(layer, x, attend)
         if keep is not None:
             residual = residual[:, :keep]
-        x, residual = ops.rms_norm(hidden, layer.post_norm, eps, residual, backend=self.backend)
-        return ops.swiglu_mlp(x, layer.gate_up, layer.down, backend=self.backend), residual
+        x, residual = ops.rms_norm(hidden, layer.post_norm, eps, residual, backend=self.backend, plan=plans.post_norm)
+        return ops.swiglu_mlp(x, layer.gate_up, layer.down, backend=self.backend, plan=plans.mlp), residual
 
     def forward_layers(self, hidden: torch.Tensor, start: int, end: int, cache: KVCache,
                        anchors: AnchorCapture | None = None, cache_offset: int = 0, advance=None,
-                       attention_plan=None) -> torch.Tensor:
+                       attention_plan=None, plans: LayerPlans | None = None) -> torch.Tensor:
         """Run layers ``[start, end)`` on ``hidden`` (B, T, H) at the cache's current positions.
 
         Each layer's new K/V are written at position ``cache.lengths[layer]`` (a device tensor), and its
@@ -239,8 +274,11 @@ class Model:
         only a slice of the layers (one pipeline rank). ``advance`` overrides how far the lengths move (an int
         or a device tensor): the pipeline passes 0 for an idle stage, so its writes land past the live length
         and are never read. ``attention_plan`` (``ops.plan_attention`` for this q shape and cache) makes every
-        layer's attention launch into workspaces allocated once.
+        layer's attention launch into workspaces allocated once; ``plans`` (:class:`LayerPlans`) does that for
+        every op of the layer (its ``attention`` replaces ``attention_plan``).
         """
+        if plans is not None:
+            attention_plan = plans.attention
         cos, sin = self.rope_tables(cache.capacity)
         anchor_column = {done: i for i, done in enumerate(anchors.layers_done)} if anchors is not None else {}
         residual = None
@@ -251,7 +289,7 @@ class Model:
                 return ops.attention_with_kvcache(q, k_cache, v_cache, k, v, lengths, cos, sin,
                                                   backend=self.backend, plan=attention_plan)
 
-            hidden, residual = self.decoder_layer(self.layers[index], hidden, residual, attend)
+            hidden, residual = self.decoder_layer(self.layers[index], hidden, residual, attend, plans=plans)
             if index + 1 in anchor_column:
                 column = anchors.out.select(-2, anchor_column[index + 1])
                 column.copy_((hidden + residual).view(column.shape))

@@ -52,7 +52,7 @@ from .jsonl import read_jsonl
 from .model import AnchorCapture
 from .pdm import PDM, WEIGHTS_FILE
 from .runtime.data_parallel import SINGLE, Replicas
-from .stages import parse_stage_layers, partition_layers
+from .stages import partition_layers, stage_layers_arg
 from .weights import read_safetensors
 
 REPORT_FILE = "train_report.json"
@@ -1142,7 +1142,8 @@ def add_arguments(p) -> None:
 
     _add_model_args(p)
     p.add_argument("--stages", type=int, default=None, help="number of pipeline stages n")
-    p.add_argument("--stage-layers", default=None, help="explicit layers per stage, e.g. 8,8,7,7")
+    p.add_argument("--stage-layers", type=stage_layers_arg, default=None,
+                   help="explicit layers per stage, e.g. 8,8,7,7")
     p.add_argument("--anchors", default="auto", help="'auto' or hidden-state indices, e.g. 0,8,16,24,29")
     p.add_argument("--tower-layers", type=int, default=1, help="decoder layers in the PDM's tower (L_s)")
     p.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary size K (capped at the model's)")
@@ -1193,7 +1194,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     options = TrainOptions(
         data=args.data, out=args.out, stages=args.stages,
-        stage_layers=parse_stage_layers(args.stage_layers) if args.stage_layers else None,
+        stage_layers=args.stage_layers,
         anchors=args.anchors, tower_layers=args.tower_layers, draft_vocab=args.draft_vocab,
         self_distill=args.self_distill, answer_tokens=args.answer_tokens, max_examples=args.max_examples,
         seq_len=args.seq_len, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

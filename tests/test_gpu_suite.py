@@ -3,6 +3,7 @@ torch backend and the Triton interpreter, so the script that a short GPU lease d
 from __future__ import annotations
 
 import json
+import tarfile
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["preflight", "build", "model", "op_tests", "op_bench", "launches", "decode_tiny"]
+STEPS = ["preflight", "build", "model", "op_tests", "op_bench", "launches", "decode_tiny", "triton_cache"]
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +31,10 @@ def test_dry_run_passes_every_step_and_writes_at_most_eight_files(tmp_path):
     assert summary["ok"]
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8, files
+    # Triton's cache (TRITON_CACHE_DIR under OUT) comes back packed as one file, the folder removed.
+    assert (out / "triton_cache.tar.gz").is_file() and not (out / "triton_cache").exists()
+    with tarfile.open(out / "triton_cache.tar.gz") as archive:
+        assert all(name.startswith("triton_cache") for name in archive.getnames())
     decode = json.loads((out / "decode_tiny.json").read_text())
     variants = [row["variant"] for row in decode["results"]]
     assert variants == ["eager", "graph", "hf", "compile", "spd", "spd", "spd"]

@@ -133,7 +133,7 @@ def test_many_query_rows_use_several_row_tiles(backend):
 def test_triton_split_counts_agree(num_splits, cache_length):
     """The capacity plan picks one split count per device; force several so the combine path and empty
     splits (past the live length) are covered on any machine."""
-    from kernels.attention import attention_with_kvcache
+    from spd_engine.kernels.attention import attention_with_kvcache
 
     case = make_case([cache_length], 3, (9, 3), 64, torch.float32, s_max=400)
     expected = case.converted(torch.float64)

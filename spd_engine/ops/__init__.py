@@ -88,16 +88,49 @@ def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=
     return impl(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, softmax_scale, causal, plan=plan)
 
 
-def rms_norm(x, weight, eps, residual=None, backend="auto"):
-    return _impl("rms_norm", backend, x.device)(x, weight, eps, residual)
+def _planned(impl, args, plan):
+    return impl(*args) if plan is None else impl(*args, plan=plan)
 
 
-def swiglu_mlp(x, gate_up_weight, down_weight, backend="auto"):
-    return _impl("swiglu_mlp", backend, x.device)(x, gate_up_weight, down_weight)
+def _plan_with(name: str, backend: str, device: torch.device, *args):
+    planner = getattr(_load(resolve(backend, device)), name, None)
+    return planner(*args) if planner else None
 
 
-def aggregate_features(anchors, weight_cat, row_slots, row_types, backend="auto"):
-    return _impl("aggregate_features", backend, anchors.device)(anchors, weight_cat, row_slots, row_types)
+def plan_rms_norm(x_shape, dtype, weight, with_residual=True, backend="auto"):
+    """Plan (host side, once) for rms_norm calls on x of ``x_shape`` and ``dtype`` by weights shaped and typed
+    like ``weight`` (any layer's: the plan holds no weight), with or without a residual: the outputs, allocated
+    now, and on the cuda backend the kernel's argument struct. A call with ``plan=`` writes into them and
+    allocates nothing. The outputs are the plan's, so the next run overwrites them. None where the backend
+    needs no plan (torch, or inputs its kernels do not cover)."""
+    return _plan_with("plan_rms_norm", backend, weight.device, tuple(x_shape), dtype, weight, with_residual)
+
+
+def rms_norm(x, weight, eps, residual=None, backend="auto", plan=None):
+    return _planned(_impl("rms_norm", backend, x.device), (x, weight, eps, residual), plan)
+
+
+def plan_swiglu_mlp(x_shape, gate_up_weight, down_weight, backend="auto"):
+    """Plan for swiglu_mlp calls on x of ``x_shape`` with weights like these (see :func:`plan_rms_norm`): the
+    gate/up activation and the output. None where the backend needs no plan (torch; more rows than the fused
+    GEMV serves)."""
+    return _plan_with("plan_swiglu_mlp", backend, gate_up_weight.device, tuple(x_shape), gate_up_weight,
+                      down_weight)
+
+
+def swiglu_mlp(x, gate_up_weight, down_weight, backend="auto", plan=None):
+    return _planned(_impl("swiglu_mlp", backend, x.device), (x, gate_up_weight, down_weight), plan)
+
+
+def plan_aggregate_features(rows, anchors, weight_cat, backend="auto"):
+    """Plan for aggregate_features calls of ``rows`` output rows over anchors like ``anchors`` (see
+    :func:`plan_rms_norm`): the (rows, H) output, and on the cuda backend the argument struct."""
+    return _plan_with("plan_aggregate_features", backend, anchors.device, int(rows), anchors, weight_cat)
+
+
+def aggregate_features(anchors, weight_cat, row_slots, row_types, backend="auto", plan=None):
+    return _planned(_impl("aggregate_features", backend, anchors.device), (anchors, weight_cat, row_slots, row_types),
+                    plan)
 
 
 attention_with_kvcache.__doc__ = reference.attention_with_kvcache.__doc__

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels import aggregate as _aggregate
-from kernels import attention as _attention
-from kernels import rms_norm as _rms_norm
-from kernels import swiglu as _swiglu
+from spd_engine.kernels import aggregate as _aggregate
+from spd_engine.kernels import attention as _attention
+from spd_engine.kernels import rms_norm as _rms_norm
+from spd_engine.kernels import swiglu as _swiglu
 
 from . import reference
 
@@ -42,16 +42,48 @@ def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=
                           causal)
 
 
-def rms_norm(x, weight, eps, residual=None):
-    impl = _rms_norm.rms_norm if x.dtype in KERNEL_DTYPES else reference.rms_norm
-    return impl(x, weight, eps, residual)
+def plan_rms_norm(x_shape, dtype, weight, with_residual=True):
+    """Outputs for rms_norm of x (``x_shape``, ``dtype``) by ``weight`` (None where the reference runs)."""
+    if dtype not in KERNEL_DTYPES:
+        return None
+    return _rms_norm.plan(x_shape, dtype, weight.dtype, with_residual, weight.device)
 
 
-def swiglu_mlp(x, gate_up_weight, down_weight):
-    impl = _swiglu.swiglu_mlp if x.dtype in KERNEL_DTYPES else reference.swiglu_mlp
-    return impl(x, gate_up_weight, down_weight)
+def rms_norm(x, weight, eps, residual=None, plan=None):
+    if x.dtype not in KERNEL_DTYPES:
+        return reference.rms_norm(x, weight, eps, residual)
+    if plan is None:
+        return _rms_norm.rms_norm(x, weight, eps, residual)
+    return _rms_norm.run(plan, x, weight, eps, residual)
 
 
-def aggregate_features(anchors, weight_cat, row_slots, row_types):
-    impl = _aggregate.aggregate_features if anchors.dtype in KERNEL_DTYPES else reference.aggregate_features
-    return impl(anchors, weight_cat, row_slots, row_types)
+def plan_swiglu_mlp(x_shape, gate_up_weight, down_weight):
+    """The fused kernel's activation and output buffers for x of ``x_shape`` (None where the reference runs:
+    other dtypes, or more rows than a GEMV)."""
+    if gate_up_weight.dtype not in KERNEL_DTYPES or not _swiglu.covers(tuple(x_shape)):
+        return None
+    return _swiglu.plan(x_shape, gate_up_weight.shape[0] // 2, down_weight.shape[0], gate_up_weight.dtype,
+                        gate_up_weight.device)
+
+
+def swiglu_mlp(x, gate_up_weight, down_weight, plan=None):
+    if x.dtype not in KERNEL_DTYPES:
+        return reference.swiglu_mlp(x, gate_up_weight, down_weight)
+    if plan is None:
+        return _swiglu.swiglu_mlp(x, gate_up_weight, down_weight)
+    return _swiglu.run(plan, x, gate_up_weight, down_weight)
+
+
+def plan_aggregate_features(rows, anchors, weight_cat):
+    """The (rows, H) output for aggregate_features over anchors like ``anchors`` (None where the reference runs)."""
+    if anchors.dtype not in KERNEL_DTYPES:
+        return None
+    return _aggregate.plan(rows, anchors.shape[2], anchors.dtype, anchors.device)
+
+
+def aggregate_features(anchors, weight_cat, row_slots, row_types, plan=None):
+    if anchors.dtype not in KERNEL_DTYPES:
+        return reference.aggregate_features(anchors, weight_cat, row_slots, row_types)
+    if plan is None:
+        return _aggregate.aggregate_features(anchors, weight_cat, row_slots, row_types)
+    return _aggregate.run(plan, anchors, weight_cat, row_slots, row_types)

@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
 from ..kv_cache import KVCache
-from ..model import AnchorCapture, Model
+from ..model import AnchorCapture, LayerPlans, Model
 
 
 class StageExecutor:
@@ -52,10 +51,9 @@ class LocalStage(StageExecutor):
         hidden_size = target.config.hidden_size
         self.out = torch.zeros(1, 1, hidden_size, dtype=target.dtype, device=target.device)
         self.anchors = torch.zeros(1, len(self.layers_done), hidden_size, dtype=target.dtype, device=target.device)
-        # One token per step: attention's split plan and workspaces, made once for all of this stage's layers.
-        cfg = target.config
-        self.attention_plan = ops.plan_attention((1, 1, cfg.num_heads, cfg.head_dim),
-                                                 *cache.layer(self.start - cache_offset)[:2], backend=target.backend)
+        # One token per step: the ops' outputs and workspaces (attention's split plan too) and, on the cuda
+        # backend, their argument structs, made once for all of this stage's layers.
+        self.plans = LayerPlans.for_step(target, cache, self.start - cache_offset, self.start)
 
     def prefill(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         anchors = torch.zeros(hidden.shape[1], len(self.layers_done), hidden.shape[-1], dtype=hidden.dtype,
@@ -73,7 +71,7 @@ class LocalStage(StageExecutor):
         self.out.copy_(self.target.forward_layers(stage_in, self.start, self.end, self.cache,
                                                   anchors=AnchorCapture(self.layers_done, self.anchors),
                                                   cache_offset=self.cache_offset, advance=active,
-                                                  attention_plan=self.attention_plan))
+                                                  plans=self.plans))
         return self.out, self.anchors
 
 
