@@ -52,6 +52,10 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
+    def vocabulary(self) -> dict[str, int]:
+        """Every token string (added tokens included) and its id: two tokenizers that agree here encode alike."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     @property
     def max_token_id(self) -> int:
         return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
