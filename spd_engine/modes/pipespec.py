@@ -21,10 +21,11 @@ paper, where a stage that is not verifying decodes on its own.
 The schedule (the asynchrony, made deterministic). Time runs in sub-ticks; level i starts a step every
 ``periods[i]`` sub-ticks and its step takes that long: it reads the streams as they stand when it starts and its
 result lands when it ends, so a level always works on its predecessor's latest output and never waits for the
-level above. ``periods`` default to each model's cost relative to the smallest (layers' weight elements read
-per token; a truncated self-draft of m layers costs m/L of the target), rounded. Results landing in the same
-sub-tick apply target first, so a higher level's rollback wins. One ``cycle()`` is one target period: exactly
-one target forward.
+level above. By default a sub-tick is the time of one target layer: the target's period is its layer count L and
+a model's period is its cost (layers' weight elements read per token, relative to the target's) times L, rounded,
+at least 1; a truncated self-draft of m layers thus has period m exactly. Results landing in the same sub-tick
+apply target first, so a higher level's rollback wins. One ``cycle()`` is one target period: exactly one target
+forward.
 
 Rollback. When a level's new tokens contradict the stream of the level below (a rejection, or a bonus where the
 level below already holds another token), every lower stream becomes a copy of the higher one and a step still
@@ -98,9 +99,9 @@ def build_chain(target: Model, drafts: Sequence[Model], names: Sequence[str] | N
 
 
 def schedule_periods(chain: Sequence[ChainModel]) -> list[int]:
-    """Sub-ticks per step of each model: its cost over the cheapest one's, rounded (at least 1)."""
-    cheapest = min(level.cost for level in chain)
-    return [max(1, round(level.cost / cheapest)) for level in chain]
+    """Sub-ticks per step of each model, a sub-tick being one target layer's time (see the module docstring)."""
+    layers = chain[-1].model.config.num_layers
+    return [max(1, round(level.cost * layers)) for level in chain]
 
 
 def paper_speedup(acceptance: float, window: int) -> float:
