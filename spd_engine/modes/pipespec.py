@@ -45,9 +45,14 @@ with a this run's target acceptance rate and w the window (the paper's gamma). T
 acceptance and drafts that are always ready; it was taken from a summary of the paper (its own text could not be
 fetched here), and it is reported beside, never mixed with, the measured counts.
 
-The default (``--model default`` with no option; other models scale the same depth fraction): the self-draft
-depth and window that bench/pipespec_defaults.py measured best on eval prompts (bench/results/pipespec_defaults.json,
-README "Decoding modes").
+The default (no option; another model gets the same depth fraction): one self-draft of 27 of 30 layers, window 2,
+chosen by bench/pipespec_defaults.py on --model default (bench/results/pipespec_defaults.json). Its screening
+shows SmolLM2-135M's truncated self-drafts agree poorly with the target (teacher-forced greedy agreement <= 0.10 up
+to 18 layers, 0.37 at 24, 0.55 at 27), and in real runs no self-draft chain (1, 7, 15, 27 or 28 layers; 1+28,
+7+28) committed measurably more than one token per target pass: a draft deep enough to agree is barely faster
+than the target, so its tokens come a step too late, and a shallow one is fast but rarely right. With every
+chain tied, the rule takes the one with the fewest draft forwards per target pass, then the smallest window.
+PipeSpec pays off with a small draft that agrees often (``--draft-models``), as in the paper.
 """
 from __future__ import annotations
 
@@ -65,8 +70,8 @@ from ..simulate import Link
 from .base import DecodeStats, DecodingMode, GenerationResult, TokenCallback, run_decoder
 
 # Measured by bench/pipespec_defaults.py on SmolLM2-135M-Instruct (30 layers); see the module docstring.
-DEFAULT_DRAFT_FRACTIONS = (8 / 30,)
-DEFAULT_WINDOW = 4
+DEFAULT_DRAFT_FRACTIONS = (27 / 30,)
+DEFAULT_WINDOW = 2
 TOKEN_ID_BYTES = 8  # a stream message carries int64 token ids
 
 
