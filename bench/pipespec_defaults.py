@@ -99,7 +99,8 @@ def main() -> None:
         run = {"draft_layers": layers, "window": window, "periods": stats.periods,
                "tokens_per_target_pass": kept / passes, "predicted_speedup": prediction.speedup,
                "draft_passes_per_target_pass": draft_passes / passes,
-               "level_acceptance": [None] + [a / (a + r) if a + r else None for a, r in zip(accepted[1:], rejected[1:])],
+               "level_acceptance": [None] + [a / (a + r) if a + r else None
+                                             for a, r in zip(accepted[1:], rejected[1:])],
                "accepted": accepted, "rejected": rejected}
         print(json.dumps(run), flush=True)
         return run

@@ -207,16 +207,19 @@ class PipeSpecDecoder:
             self._sub_tick()
 
     def finish(self, common: dict, kept: int) -> tuple[PipeSpecStats, list[bool]]:
-        steps = next((n + 1 for n, r in enumerate(self.records) if r.committed >= kept), len(self.records)) if kept else 0
         k = len(self.chain)
+        steps = next((n + 1 for n, record in enumerate(self.records) if record.committed >= kept), len(self.records))
+        steps = steps if kept else 0
         last = self.records[steps - 1] if steps else _TargetRecord(0, 0, [0] * k, [0] * k, [0] * k, [0] * k)
         trace = self.trace[:last.verifications]
         acceptance = sum(trace) / len(trace) if trace else 0.0
-        level_acceptance = [None] + [a / (a + r) if a + r else 0.0 for a, r in zip(last.accepted[1:], last.rejected[1:])]
+        level_acceptance = [None] + [a / (a + r) if a + r else 0.0
+                                     for a, r in zip(last.accepted[1:], last.rejected[1:])]
         stats = PipeSpecStats(
             **common, acceptance_rate=acceptance, tokens_per_target_pass=kept / steps if steps else 0.0,
             theoretical_speedup=paper_speedup(acceptance, self.window),
-            chain=[level.name for level in self.chain], chain_layers=[level.model.config.num_layers for level in self.chain],
+            chain=[level.name for level in self.chain],
+            chain_layers=[level.model.config.num_layers for level in self.chain],
             costs=[level.cost for level in self.chain], window=self.window, periods=self.periods,
             target_passes=steps, draft_passes=last.passes[:-1], accepted=last.accepted, rejected=last.rejected,
             level_acceptance=level_acceptance, rollbacks=last.rollbacks)
@@ -375,10 +378,10 @@ def parse_counts(flag: str, value) -> list[int]:
 
 
 def default_draft_layers(num_layers: int) -> list[int]:
-    depths = sorted({min(num_layers - 1, max(1, round(f * num_layers))) for f in DEFAULT_DRAFT_FRACTIONS})
+    """The measured default depth fractions of this target's depth (each 1 to L-1 layers)."""
     if num_layers < 2:
         raise UserError("PipeSpec self-drafts need a target of at least 2 layers; give --draft-models")
-    return depths
+    return sorted({min(num_layers - 1, max(1, round(f * num_layers))) for f in DEFAULT_DRAFT_FRACTIONS})
 
 
 def check_draft_layers(layers: list[int], num_layers: int) -> None:
@@ -412,19 +415,20 @@ class PipeSpecMode(DecodingMode):
             raise UserError("give --draft-models or --draft-layers, not both: a PipeSpec chain is either "
                             "separate draft models or self-drafts of the target")
         if draft_models is not None:
-            specs = [s.strip() for s in draft_models.split(",")] if isinstance(draft_models, str) else list(draft_models)
+            specs = ([spec.strip() for spec in draft_models.split(",")] if isinstance(draft_models, str)
+                     else list(draft_models))
             if not specs or not all(specs):
                 raise UserError(f"--draft-models takes comma-separated model specs, got '{draft_models}'")
             drafts = [self.load_draft(spec) for spec in specs]
             self.chain = build_chain(target, drafts, [*specs, engine.model_spec])
-            costs = [level.cost for level in self.chain]
-            if any(b <= a for a, b in zip(costs, costs[1:])):
-                big = next(i for i in range(len(specs)) if costs[i] >= costs[i + 1])
-                raise UserError(f"--draft-models must grow toward the target (smallest first): '{specs[big]}' is "
-                                f"not smaller than the next model in the chain")
+            for spec, level, above in zip(specs, self.chain, self.chain[1:]):
+                if level.cost >= above.cost:
+                    raise UserError(f"--draft-models must grow toward the target (smallest first): '{spec}' is "
+                                    "not smaller than the next model in the chain")
         else:
             L = target.config.num_layers
-            layers = parse_counts("--draft-layers", draft_layers) if draft_layers is not None else default_draft_layers(L)
+            layers = (parse_counts("--draft-layers", draft_layers) if draft_layers is not None
+                      else default_draft_layers(L))
             check_draft_layers(layers, L)
             self.chain = build_chain(target, [truncated_draft(target, m) for m in layers],
                                      [f"{engine.model_spec}[:{m}]" for m in layers] + [engine.model_spec])
