@@ -20,8 +20,8 @@ paper, where a stage that is not verifying decodes on its own.
 
 The schedule (the asynchrony, made deterministic). Time runs in sub-ticks; level i starts a step every
 ``periods[i]`` sub-ticks and its step takes that long: it reads the streams as they stand when it starts and its
-result lands when it ends, so a level always works on its predecessor's latest output and never waits for the
-level above. By default a sub-tick is the time of one target layer: the target's period is its layer count L and
+result lands when it ends, so a level always works on its predecessor's latest output and never waits for
+another level. By default a sub-tick is the time of one target layer: the target's period is its layer count L and
 a model's period is its cost (layers' weight elements read per token, relative to the target's) times L, rounded,
 at least 1; a truncated self-draft of m layers thus has period m exactly. Results landing in the same sub-tick
 apply target first, so a higher level's rollback wins. One ``cycle()`` is one target period: exactly one target
@@ -31,7 +31,9 @@ Rollback. When a level's new tokens contradict the stream of the level below (a 
 level below already holds another token), every lower stream becomes a copy of the higher one and a step still
 in flight there is void when it lands (unless its tokens agree with the new stream). Caches follow lazily: before
 its next forward a model's cache is cut (``KVCache.rollback``, O(1): lengths only) to the longest prefix its
-K/V and its stream share. A lower level may run at most ``2 * (window + 1)`` tokens ahead of the level above it.
+K/V and its stream share. Keeping a lower stream that agrees with a higher one is lossless: whether a token
+survives depends only on the tokens before it, so the kept tokens are still draws of the lower model given their
+prefix. A lower level may run at most ``2 * (window + 1)`` tokens ahead of the level above it.
 
 Statistics. ``acceptance_rate`` is the target's: accepted / verified drafts of level k-2.
 ``tokens_per_target_pass`` = committed tokens after the first (which comes from the prefill) / target forward
@@ -42,8 +44,8 @@ paper each model has its own device. ``theoretical_speedup`` is the paper's expe
     PipeSpec = (1 - rho) + rho * (1 - a^(w+1)) / (1 - a),    rho = a / (1 - a^(w+1) + a)
 
 with a this run's target acceptance rate and w the window (the paper's gamma). The formula assumes i.i.d.
-acceptance and drafts that are always ready; it was taken from a summary of the paper (its own text could not be
-fetched here), and it is reported beside, never mixed with, the measured counts.
+acceptance and drafts that are always ready. It was taken from a third-party summary of the paper (the paper's
+own text could not be fetched here); it is reported beside, never mixed with, the measured counts.
 
 The default (no option; another model gets the same depth fraction): one self-draft of 27 of 30 layers, window 2,
 chosen by bench/pipespec_defaults.py on --model default (bench/results/pipespec_defaults.json). Its screening
