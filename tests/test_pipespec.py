@@ -150,15 +150,45 @@ def _exact_marginals(model, prompt, params, horizon):
     return marginals
 
 
+def test_one_verification_draws_from_the_verifier(agreeable):
+    """The rule itself, with power: a draft drawn from q, judged against p (two different top-4 distributions
+    over overlapping supports), yields tokens distributed as p. A rule that accepted every draft p allows would
+    follow q instead."""
+    from scipy.stats import chisquare
+
+    params = SamplingParams(temperature=1.0, top_k=4, seed=0)
+    decoder = PipeSpecDecoder(build_chain(agreeable, [truncated_draft(agreeable, 2)]), 64, params, window=1)
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, VOCAB, generator=generator)
+    logits[1, logits[0].topk(2).indices] += 20.0  # q's support shares two tokens with p's
+    p, q = target_probs(logits, params)
+    decoder.probs[0][0] = q
+    samples = 4000
+    counts = torch.zeros(VOCAB)
+    outcomes = []
+    for _ in range(samples):
+        draft = int(torch.multinomial(q, 1, generator=generator))
+        new, _, verdicts = decoder._resolve(1, logits[:1], [draft], position=0)
+        counts[new[0]] += 1
+        outcomes += verdicts
+    assert 0.1 < sum(outcomes) / len(outcomes) < 0.9  # both branches ran
+    support = p > 0
+    assert counts[~support].sum() == 0
+    expected = p[support].double() / p[support].double().sum() * samples
+    assert chisquare(counts[support].double().numpy(), expected.numpy()).pvalue > 1e-3
+
+
 @pytest.mark.slow
 def test_sampling_keeps_the_target_distribution(agreeable):
-    """Chi-square on each of the first four tokens over many seeded runs of a three-model chain. From the third
-    token on, the target settles tokens by the speculative-sampling rule (the second is its own draw while the
-    drafts catch up); a rule that just accepted drafts would follow the drafts' distributions instead."""
+    """Chi-square on each of the first five tokens over many seeded runs of a three-model chain whose drafts
+    outpace the target sixfold. From the third token on, the target settles tokens by the speculative-sampling
+    rule whenever drafts are pending (the second is its own draw while the drafts catch up). This checks that the
+    schedule (rollbacks, streams kept when they agree) adds no bias; the rule's own test above has the power to
+    tell p from q."""
     from scipy.stats import chisquare
 
     params = SamplingParams(temperature=1.5, top_k=4)
-    horizon = 4
+    horizon = 5
     marginals = _exact_marginals(agreeable, PROMPTS[0], params, horizon)
     drafts = [truncated_draft(agreeable, 1), truncated_draft(agreeable, 3)]
     samples = 600
@@ -166,7 +196,7 @@ def test_sampling_keeps_the_target_distribution(agreeable):
     accepted = rejected = 0
     for seed in range(samples):
         result = generate_pipespec(agreeable, drafts, PROMPTS[0], horizon, SamplingParams(1.5, 4, seed=seed),
-                                   eos_ids=(), window=2)
+                                   eos_ids=(), window=2, periods=[1, 1, 6])
         for position, token in enumerate(result.token_ids):
             counts[position][token] += 1
         accepted += result.stats.accepted[-1] + result.stats.accepted[1]
