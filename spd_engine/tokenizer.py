@@ -53,7 +53,8 @@ class Tokenizer:
         return self._tok.get_vocab_size()
 
     def vocabulary(self) -> dict[str, int]:
-        """Every token string (added tokens included) and its id: two tokenizers that agree here encode alike."""
+        """Every token string (added tokens included) and its id: two tokenizers that agree here give every token
+        the same id."""
         return self._tok.get_vocab(with_added_tokens=True)
 
     @property
