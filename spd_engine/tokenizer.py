@@ -59,7 +59,7 @@ class Tokenizer:
 
     @property
     def max_token_id(self) -> int:
-        return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
+        return max(self.vocabulary().values(), default=-1)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Special-token strings in ``text`` become their ids; BOS only if the tokenizer settings ask."""
