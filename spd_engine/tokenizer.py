@@ -52,9 +52,14 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
+    def vocabulary(self) -> dict[str, int]:
+        """Every token string (added tokens included) and its id: two tokenizers that agree here give every token
+        the same id."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     @property
     def max_token_id(self) -> int:
-        return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
+        return max(self.vocabulary().values(), default=-1)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Special-token strings in ``text`` become their ids; BOS only if the tokenizer settings ask."""

@@ -202,5 +202,7 @@ def test_eval_on_the_sample_set_explains_its_columns(tiny_dir, capsys):
                            "--limit", 1, "--max-new-tokens", 2)
     lines = out.splitlines()
     assert code == 0 and lines[2].split()[:3] == ["sample", "1", "1/1"]  # dataset, prompts, lossless
-    assert lines[-2].startswith("eq. accept len: n x new tokens / cycles, the speedup over vanilla that 2 devices")
-    assert lines[-1].startswith("wall ratio: spd tok/s / vanilla tok/s;") and "checks correctness, not speed" in out
+    assert lines[1].split()[-1] == "predicted" and lines[2].split()[-2:] == ["on", "3"]  # n + 1 devices
+    assert lines[-3].startswith("eq. accept len: n x new tokens / cycles, the speedup over vanilla that 2 devices")
+    assert lines[-2].startswith("wall ratio: spd tok/s / vanilla tok/s;") and "checks correctness, not speed" in out
+    assert lines[-1].startswith("predicted: the simulator's speedup over vanilla on one device")

@@ -9,6 +9,7 @@ from spd_engine import modes
 from spd_engine.cli import main
 from spd_engine.errors import UserError
 from spd_engine.modes.base import DecodeStats, DecodingMode, run_decoder
+from spd_engine.modes.pipespec import ScheduleCounts, predict_pipespec
 from spd_engine.modes.ppsd import predict_ppsd
 from spd_engine.modes.vanilla import VanillaMode
 from spd_engine.sampling import SamplingParams
@@ -18,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT = [5, 6, 7, 8, 9, 10]
 # Each mode with the options that make it run on the tiny model (an untrained draft: rejections and flushes).
-RUNNABLE = {"vanilla": {}, "spd": {"stages": 2, "pdm": "untrained"}, "ppsd": {"exit_layer": 2}}
+RUNNABLE = {"vanilla": {}, "spd": {"stages": 2, "pdm": "untrained"}, "pipespec": {"draft_layers": "1"},
+            "ppsd": {"exit_layer": 2}}
 
 
 def test_every_registered_mode_resolves():
@@ -139,17 +141,17 @@ def test_eval_modes_side_by_side(tiny_dir, tmp_path, capsys):
     times = StepTimes(layer_ms=[1.0 + i / 10 for i in range(layers)], head_ms=0.5, verify_ms=0.1, pdm_ms=0.3,
                       hidden_size=64)
     times.to_json(times_file)
-    code = main(["eval", "--model", str(tiny_dir), "--modes", "vanilla,spd,ppsd", "--stages", "2", "--pdm",
-                 "untrained", "--exit-layer", "1", "--data", str(data), "--limit", "2", "--max-new-tokens", "8",
+    code = main(["eval", "--model", str(tiny_dir), "--modes", "vanilla,spd,ppsd,pipespec", "--stages", "2", "--pdm",
+                 "untrained", "--exit-layer", "1", "--draft-layers", "1", "--data", str(data), "--limit", "2", "--max-new-tokens", "8",
                  "--times", str(times_file), "--link", "pcie", "--out", str(out)])
     table = capsys.readouterr().out.splitlines()
     assert code == 0
     assert table[1].split()[:4] == ["mode", "dataset", "prompts", "lossless"]
     assert table[1].split()[-1] == "predicted"
-    assert [row.split()[:4] for row in table[2:5]] == [["vanilla", "chat", "2", "2/2"], ["spd", "chat", "2", "2/2"],
-                                                      ["ppsd", "chat", "2", "2/2"]]
+    assert [row.split()[:4] for row in table[2:6]] == [["vanilla", "chat", "2", "2/2"], ["spd", "chat", "2", "2/2"],
+                                                      ["ppsd", "chat", "2", "2/2"], ["pipespec", "chat", "2", "2/2"]]
     report = json.loads(out.read_text())
-    assert list(report["modes"]) == ["vanilla", "spd", "ppsd"] and report["modes"]["spd"]["stages"] == 2
+    assert list(report["modes"]) == ["vanilla", "spd", "ppsd", "pipespec"] and report["modes"]["spd"]["stages"] == 2
     assert report["modes"]["ppsd"]["exit_layer"] == 1
     # The predictions are the simulator's, from each mode's own traces and these step times.
     link = LINK_PRESETS["pcie"]
@@ -163,6 +165,14 @@ def test_eval_modes_side_by_side(tiny_dir, tmp_path, capsys):
     ppsd_traces = [p["trace"] for p in report["modes"]["ppsd"]["datasets"]["chat"]["per_prompt"]]
     expected = predict_ppsd(times.layer_ms, times.head_ms, link, ppsd_traces, 1, 64)
     assert predicted["ppsd"]["devices"] == 2 and predicted["ppsd"]["speedup"] == pytest.approx(expected.speedup)
+    chain = report["modes"]["pipespec"]
+    rows = chain["datasets"]["chat"]["per_prompt"]
+    run = ScheduleCounts(chain["costs"], chain["periods"], chain["window"],
+                         sum(p["new_tokens"] - 1 for p in rows) / sum(p["target_passes"] for p in rows))
+    expected = predict_pipespec(run, times.vanilla_token_ms(), link, [times.layer_ms[0] + times.head_ms,
+                                                                       times.vanilla_token_ms()])
+    assert predicted["pipespec"]["devices"] == 2
+    assert predicted["pipespec"]["speedup"] == pytest.approx(expected.speedup)
     assert report["prediction"]["link"]["name"] == "pcie"
     vanilla, spd = (report["modes"][name]["datasets"]["chat"] for name in ("vanilla", "spd"))
     for name, d in (("vanilla", vanilla), ("spd", spd)):

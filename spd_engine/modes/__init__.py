@@ -11,6 +11,7 @@ from .base import DecodingMode
 REGISTRY = {  # name -> "module:class" under spd_engine.modes
     "vanilla": "vanilla:VanillaMode",
     "spd": "spd:SPDMode",
+    "pipespec": "pipespec:PipeSpecMode",
     "ppsd": "ppsd:PPSDMode",
 }
 MODE_NAMES = tuple(REGISTRY)
