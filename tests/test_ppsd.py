@@ -1,6 +1,5 @@
 """PPSD is lossless: greedy output equals vanilla token for token, sampling keeps the target distribution, and a
 flush leaves every layer's cache as a fresh prefill of the committed prefix would."""
-import random
 import re
 
 import pytest
@@ -15,7 +14,7 @@ from spd_engine.pdm import target_identity
 from spd_engine.modes.ppsd import ExitDraft, PPSDMode, PPSDState, exit_traces, generate_ppsd, predict_ppsd
 from spd_engine.sampling import SamplingParams, target_probs
 from spd_engine.simulate import LINK_PRESETS, Link, count_cycles
-from tiny_models import VOCAB, make_tiny_model
+from tiny_models import VOCAB, make_tiny_model, oracle_drafts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,22 +26,6 @@ PROMPTS = [[5, 6, 7, 8, 9, 10], [200, 13], [1, 100, 101, 102, 103, 104, 105, 106
 def model(tmp_path_factory):
     """Five layers: exit layers 1..4, balanced and not."""
     return Model.from_pretrained(make_tiny_model(tmp_path_factory.mktemp("tiny5"), "llama", layers=5))
-
-
-def oracle_drafts(monkeypatch, reference: list[int], prompt_len: int, hit_rate: float, seed: int = 0):
-    """Make the exit head propose the right token with probability ``hit_rate`` (its own draft otherwise), so
-    both the accept and the reject paths run, in any mix."""
-    rng = random.Random(seed)
-    own_draft = PPSDState.draft_after_exit
-
-    def draft(self, hidden):
-        token, q = own_draft(self, hidden)
-        index = int(self.newest) + 1 - prompt_len
-        if index < len(reference) and rng.random() < hit_rate:
-            return torch.tensor([reference[index]]), q
-        return token, q
-
-    monkeypatch.setattr(PPSDState, "draft_after_exit", draft)
 
 
 @pytest.mark.parametrize("exit_layer", [1, 2, 3, 4])
@@ -60,7 +43,7 @@ def test_greedy_early_exit_is_lossless(model, exit_layer, prompt):
 def test_greedy_good_drafts_are_lossless_and_counted(model, monkeypatch, exit_layer, hit_rate):
     prompt = PROMPTS[0]
     expected = generate_vanilla(model, prompt, 30, GREEDY, eos_ids=()).token_ids
-    oracle_drafts(monkeypatch, expected, len(prompt), hit_rate)
+    oracle_drafts(monkeypatch, PPSDState, "draft_after_exit", expected, len(prompt), hit_rate)
     result = generate_ppsd(model, prompt, 30, GREEDY, (), exit_layer)
     stats = result.stats
     assert result.token_ids == expected

@@ -1,6 +1,4 @@
 """SPD is lossless: greedy output equals vanilla token for token; sampling keeps the target distribution."""
-import random
-
 import pytest
 import torch
 
@@ -10,7 +8,7 @@ from spd_engine.pdm import PDM, auto_anchors
 from spd_engine.sampling import SamplingParams, target_probs
 from spd_engine.spd import SPDState, generate_spd
 from spd_engine.stages import partition_layers
-from tiny_models import VOCAB, make_tiny_model
+from tiny_models import VOCAB, make_tiny_model, oracle_drafts
 
 GREEDY = SamplingParams()
 PROMPTS = [[5, 6, 7, 8, 9, 10], [200, 13], [1, 100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 17]]
@@ -20,22 +18,6 @@ PROMPTS = [[5, 6, 7, 8, 9, 10], [200, 13], [1, 100, 101, 102, 103, 104, 105, 106
 def model(tmp_path_factory):
     """Five layers, so most stage counts need an uneven split."""
     return Model.from_pretrained(make_tiny_model(tmp_path_factory.mktemp("tiny5"), "llama", layers=5))
-
-
-def oracle_drafts(monkeypatch, reference: list[int], prompt_len: int, hit_rate: float, seed: int = 0):
-    """Make the PDM propose the right token with probability ``hit_rate`` (its own draft otherwise), so both
-    the accept and the reject paths run, in any mix."""
-    rng = random.Random(seed)
-    own_draft = SPDState.draft
-
-    def draft(self):
-        token, q = own_draft(self)
-        index = int(self.newest) + 1 - prompt_len
-        if index < len(reference) and rng.random() < hit_rate:
-            return torch.tensor([reference[index]]), q
-        return token, q
-
-    monkeypatch.setattr(SPDState, "draft", draft)
 
 
 @pytest.mark.parametrize("stages", [1, 2, 3, 4, 5])
@@ -53,7 +35,7 @@ def test_greedy_untrained_pdm_is_lossless(model, stages, prompt):
 def test_greedy_good_drafts_are_lossless_and_counted(model, monkeypatch, stages, hit_rate):
     prompt = PROMPTS[0]
     expected = generate_vanilla(model, prompt, 30, GREEDY, eos_ids=()).token_ids
-    oracle_drafts(monkeypatch, expected, len(prompt), hit_rate)
+    oracle_drafts(monkeypatch, SPDState, "draft", expected, len(prompt), hit_rate)
     result = generate_spd(model, PDM.create(model, partition_layers(5, stages)), prompt, 30, GREEDY, eos_ids=())
     stats = result.stats
     assert result.token_ids == expected

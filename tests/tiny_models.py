@@ -95,3 +95,25 @@ def write_tiny_chats(path: Path, count: int = 24, seed: int = 0) -> Path:
 # not an installed copy, and use one thread like the in-process tests.
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
     [str(Path(spd_engine.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+
+
+def oracle_drafts(monkeypatch, owner, method: str, reference: list[int], prompt_len: int, hit_rate: float,
+                  seed: int = 0) -> None:
+    """Make ``owner.method`` (a pipeline state's draft step, returning (token, q)) propose the right token with
+    probability ``hit_rate`` and its own draft otherwise, so both the accept and the reject paths run, in any
+    mix. The right token for the position after ``newest`` is ``reference[newest + 1 - prompt_len]``."""
+    import random
+
+    import torch
+
+    rng = random.Random(seed)
+    own_draft = getattr(owner, method)
+
+    def draft(self, *args):
+        token, q = own_draft(self, *args)
+        index = int(self.newest) + 1 - prompt_len
+        if index < len(reference) and rng.random() < hit_rate:
+            return torch.tensor([reference[index]]), q
+        return token, q
+
+    monkeypatch.setattr(owner, method, draft)
