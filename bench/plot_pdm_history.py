@@ -33,7 +33,7 @@ def main() -> int:
         except (OSError, json.JSONDecodeError, KeyError) as exc:
             print(f"plot_pdm_history: {path}: not a train-pdm --cache report ({exc})", file=sys.stderr)
             return 2
-        name = path.stem.removeprefix("pdm_v4_").removesuffix("_train")
+        name = path.stem.removeprefix("pdm_").removesuffix("_train")
         n = str(report["stages"])
         seen = [0] + [h["answer_tokens_seen"] / 1e3 for h in history]
         for fill, style in (("1", "-"), (n, "--")):
