@@ -14,7 +14,8 @@ from spd_engine.pdm import target_identity
 from spd_engine.modes.ppsd import ExitDraft, PPSDMode, PPSDState, exit_traces, generate_ppsd, predict_ppsd
 from spd_engine.sampling import SamplingParams, target_probs
 from spd_engine.simulate import LINK_PRESETS, Link, count_cycles
-from tiny_models import VOCAB, make_tiny_model, oracle_drafts
+from tiny_models import (VOCAB, assert_counts_follow, first_two_token_counts, make_tiny_model, oracle_drafts,
+                         second_token_law)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -91,24 +92,13 @@ def test_cache_after_every_flush_equals_fresh_vanilla_prefix(model):
     assert flushes >= 3
 
 
-def _second_token_distribution(model, params, first_probs):
-    """Exact target marginal of the second generated token: sum over t1 of p(t1) p(t2 | t1)."""
-    marginal = torch.zeros(VOCAB, dtype=torch.float64)
-    for t1 in torch.nonzero(first_probs).flatten().tolist():
-        logits = prefill(model, model.new_cache(64), PROMPTS[0] + [t1])
-        marginal += first_probs[t1].double() * target_probs(logits, params)[0].double()
-    return marginal
-
-
 def test_sampling_keeps_the_target_distribution(model, monkeypatch):
     """Chi-square on the first and second tokens over many seeded runs. The second token is the first one
     settled by the speculative-sampling rule; a rule that just accepted drafts would follow q instead. The
     exit head still runs, but drafts from q = uniform over a support overlapping the target's."""
-    from scipy.stats import chisquare
-
     params = SamplingParams(temperature=1.5, top_k=6, seed=0)
     first_probs = target_probs(prefill(model, model.new_cache(64), PROMPTS[0]), params)[0]
-    second_probs = _second_token_distribution(model, params, first_probs)
+    second_probs = second_token_law(model, PROMPTS[0], params, first_probs)
     support = second_probs.topk(4).indices.tolist() + [3]
     own_draft = PPSDState.draft_after_exit
 
@@ -120,20 +110,11 @@ def test_sampling_keeps_the_target_distribution(model, monkeypatch):
 
     monkeypatch.setattr(PPSDState, "draft_after_exit", designed_draft)
     samples = 800
-    firsts, seconds = torch.zeros(VOCAB), torch.zeros(VOCAB)
-    accepted = rejected = 0
-    for seed in range(samples):
-        result = generate_ppsd(model, PROMPTS[0], 2, SamplingParams(1.5, 6, seed=seed), (), 2)
-        firsts[result.token_ids[0]] += 1
-        seconds[result.token_ids[1]] += 1
-        accepted += result.stats.accepted_drafts
-        rejected += result.stats.rejected_drafts
+    firsts, seconds, accepted, rejected = first_two_token_counts(
+        lambda seed: generate_ppsd(model, PROMPTS[0], 2, SamplingParams(1.5, 6, seed=seed), (), 2), samples)
     assert accepted > 100 and rejected > 100  # both branches of the rule were exercised
     for counts, probs in ((firsts, first_probs), (seconds, second_probs)):
-        support_mask = probs > 0
-        assert counts[~support_mask].sum() == 0
-        expected = probs[support_mask].double() / probs[support_mask].double().sum() * samples
-        assert chisquare(counts[support_mask].double().numpy(), expected.numpy()).pvalue > 1e-3
+        assert_counts_follow(counts, probs, samples)
 
 
 def test_sampling_with_the_exit_head_runs_and_repeats_per_seed(model):

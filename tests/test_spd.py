@@ -8,7 +8,8 @@ from spd_engine.pdm import PDM, auto_anchors
 from spd_engine.sampling import SamplingParams, target_probs
 from spd_engine.spd import SPDState, generate_spd
 from spd_engine.stages import partition_layers
-from tiny_models import VOCAB, make_tiny_model, oracle_drafts
+from tiny_models import (assert_counts_follow, first_two_token_counts, make_tiny_model, oracle_drafts,
+                         second_token_law)
 
 GREEDY = SamplingParams()
 PROMPTS = [[5, 6, 7, 8, 9, 10], [200, 13], [1, 100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 17]]
@@ -98,16 +99,6 @@ def test_depth_types_follow_anchor_coverage(model):
     assert pdm.depth_types == [0, 1, 2, 3]
 
 
-def _second_token_distribution(model, params, first_probs):
-    """Exact target marginal of the second generated token: sum over t1 of p(t1) p(t2 | t1)."""
-    marginal = torch.zeros(VOCAB, dtype=torch.float64)
-    for t1 in torch.nonzero(first_probs).flatten().tolist():
-        cache = model.new_cache(64)
-        logits = prefill(model, cache, PROMPTS[0] + [t1])
-        marginal += first_probs[t1].double() * target_probs(logits, params)[0].double()
-    return marginal
-
-
 def designed_drafts(monkeypatch, support: list[int]):
     """The PDM still runs (its cache must evolve as usual) but proposes from q = uniform over ``support``.
     The rule is exact for any q; a q that overlaps the target's support exercises accept and reject alike."""
@@ -126,25 +117,14 @@ def designed_drafts(monkeypatch, support: list[int]):
 def test_sampling_keeps_the_target_distribution(model, monkeypatch, stages):
     """Chi-square on the first and second tokens over many seeded SPD runs. The second token is the first
     one settled by the speculative-sampling rule; a rule that just accepted drafts would follow q instead."""
-    from scipy.stats import chisquare
-
     params = SamplingParams(temperature=1.5, top_k=6, seed=0)
     first_probs = target_probs(prefill(model, model.new_cache(64), PROMPTS[0]), params)[0]
-    second_probs = _second_token_distribution(model, params, first_probs)
+    second_probs = second_token_law(model, PROMPTS[0], params, first_probs)
     designed_drafts(monkeypatch, second_probs.topk(4).indices.tolist() + [3])
     pdm = PDM.create(model, partition_layers(5, stages))
     samples = 800
-    firsts, seconds = torch.zeros(VOCAB), torch.zeros(VOCAB)
-    accepted = rejected = 0
-    for seed in range(samples):
-        result = generate_spd(model, pdm, PROMPTS[0], 2, SamplingParams(1.5, 6, seed=seed), eos_ids=())
-        firsts[result.token_ids[0]] += 1
-        seconds[result.token_ids[1]] += 1
-        accepted += result.stats.accepted_drafts
-        rejected += result.stats.rejected_drafts
+    firsts, seconds, accepted, rejected = first_two_token_counts(
+        lambda seed: generate_spd(model, pdm, PROMPTS[0], 2, SamplingParams(1.5, 6, seed=seed), eos_ids=()), samples)
     assert accepted > 100 and rejected > 100  # both branches of the rule were exercised
     for counts, probs in ((firsts, first_probs), (seconds, second_probs)):
-        support = probs > 0
-        assert counts[~support].sum() == 0
-        expected = probs[support].double() / probs[support].double().sum() * samples
-        assert chisquare(counts[support].double().numpy(), expected.numpy()).pvalue > 1e-3
+        assert_counts_follow(counts, probs, samples)

@@ -117,3 +117,45 @@ def oracle_drafts(monkeypatch, owner, method: str, reference: list[int], prompt_
         return token, q
 
     monkeypatch.setattr(owner, method, draft)
+
+
+def second_token_law(model, prompt: list[int], params, first_probs):
+    """Exact target marginal of the second generated token: sum over t1 of p(t1) p(t2 | prompt, t1)."""
+    import torch
+
+    from spd_engine.decode import prefill
+    from spd_engine.sampling import target_probs
+
+    marginal = torch.zeros(model.config.vocab_size, dtype=torch.float64)
+    for t1 in torch.nonzero(first_probs).flatten().tolist():
+        logits = prefill(model, model.new_cache(64), prompt + [t1])
+        marginal += first_probs[t1].double() * target_probs(logits, params)[0].double()
+    return marginal
+
+
+def first_two_token_counts(generate, samples: int):
+    """Counts of the first and of the second generated token over ``samples`` seeded runs (``generate(seed)``
+    returns a result with ``token_ids`` and stats with ``accepted_drafts`` / ``rejected_drafts``), and the
+    drafts accepted and rejected in all of them."""
+    import torch
+
+    firsts, seconds = torch.zeros(VOCAB), torch.zeros(VOCAB)
+    accepted = rejected = 0
+    for seed in range(samples):
+        result = generate(seed)
+        firsts[result.token_ids[0]] += 1
+        seconds[result.token_ids[1]] += 1
+        accepted += result.stats.accepted_drafts
+        rejected += result.stats.rejected_drafts
+    return firsts, seconds, accepted, rejected
+
+
+def assert_counts_follow(counts, probs, samples: int) -> None:
+    """Chi-square goodness of fit (p > 1e-3) of ``samples`` draws counted per token against ``probs``, and not
+    one draw outside its support."""
+    from scipy.stats import chisquare
+
+    support = probs > 0
+    assert counts[~support].sum() == 0
+    expected = probs[support].double() / probs[support].double().sum() * samples
+    assert chisquare(counts[support].double().numpy(), expected.numpy()).pvalue > 1e-3
