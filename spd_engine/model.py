@@ -265,7 +265,7 @@ class Model:
 
     def forward_layers(self, hidden: torch.Tensor, start: int, end: int, cache: KVCache,
                        anchors: AnchorCapture | None = None, cache_offset: int = 0, advance=None,
-                       attention_plan=None, plans: LayerPlans | None = None) -> torch.Tensor:
+                       plans: LayerPlans | None = None) -> torch.Tensor:
         """Run layers ``[start, end)`` on ``hidden`` (B, T, H) at the cache's current positions.
 
         Each layer's new K/V are written at position ``cache.lengths[layer]`` (a device tensor), and its
@@ -273,12 +273,10 @@ class Model:
         module's anchors). ``cache_offset`` maps a model layer to its cache slot when a cache holds
         only a slice of the layers (one pipeline rank). ``advance`` overrides how far the lengths move (an int
         or a device tensor): the pipeline passes 0 for an idle stage, so its writes land past the live length
-        and are never read. ``attention_plan`` (``ops.plan_attention`` for this q shape and cache) makes every
-        layer's attention launch into workspaces allocated once; ``plans`` (:class:`LayerPlans`) does that for
-        every op of the layer (its ``attention`` replaces ``attention_plan``).
+        and are never read. ``plans`` (:class:`LayerPlans` for this step's shape and cache) make every op of
+        every layer launch into outputs and workspaces allocated once.
         """
-        if plans is not None:
-            attention_plan = plans.attention
+        attention_plan = plans.attention if plans is not None else None
         cos, sin = self.rope_tables(cache.capacity)
         anchor_column = {done: i for i, done in enumerate(anchors.layers_done)} if anchors is not None else {}
         residual = None

@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import ops
 from ..decode import cache_capacity, prefill
 from ..kv_cache import KVCache
-from ..model import Model
+from ..model import LayerPlans, Model
 from ..sampling import Noise, SamplingParams, draw, target_probs
 from .base import DecodeStats, DecodingMode
 
@@ -32,9 +31,8 @@ class VanillaStep:
         self.num_out = torch.zeros(1, dtype=torch.long, device=dev)
         self.noise = None if params.greedy else Noise(params, dev, model.config.vocab_size)
         self.generator = self.noise.generator if self.noise else None
-        cfg = model.config
-        self.attention_plan = ops.plan_attention((1, 1, cfg.num_heads, cfg.head_dim), *cache.layer(0)[:2],
-                                                 backend=model.backend)
+        # One token per step: every op's outputs and workspaces, planned once for all the layers.
+        self.plans = LayerPlans.for_step(model, cache, 0, 0)
 
     def prefill(self, prompt_ids: list[int]) -> torch.Tensor:
         return prefill(self.model, self.cache, prompt_ids)
@@ -46,7 +44,7 @@ class VanillaStep:
     def step(self) -> None:
         model = self.model
         hidden = model.forward_layers(model.embed(self.token.view(1, 1)), 0, model.config.num_layers, self.cache,
-                                      attention_plan=self.attention_plan)
+                                      plans=self.plans)
         logits = model.logits(hidden[:, -1])  # (1, V)
         if self.params.greedy:
             chosen = logits.argmax(-1)
