@@ -452,12 +452,10 @@ def add_arguments(p) -> None:
                    help="leave out the predicted multi-device speed (and the step-time measurement it needs)")
 
 
-def _step_times(engine, args, report: dict):
-    """``--times``, or the step times measured here, with the PDM's time at the report's SPD n (if any)."""
-    from .simulate import StepTimes, busy_machine_warning, measure_step_times
+def _measured_step_times(engine, report: dict):
+    """The step times measured here, with the PDM's time at the report's SPD n (if any)."""
+    from .simulate import busy_machine_warning, measure_step_times
 
-    if args.times:
-        return StepTimes.from_json(args.times)
     stages = sorted({settings["stages"] for mode, settings, _, _ in report_sections(report) if "stages" in settings})
     busy = busy_machine_warning()
     if busy and engine.model.device.type == "cpu":
@@ -474,29 +472,23 @@ def run(args) -> int:
 
     if args.modes and (args.method != "spd" or args.answers_cache):
         raise UserError("--modes runs every mode for real: drop --method teacher-forced and --answers-cache")
-    if args.predict:
+    if args.predict:  # a bad preset or times file fails now, not after the runs
         from .simulate import StepTimes, resolve_link
 
-        link = resolve_link(args.link, None, None)  # a bad preset or times file fails now, not after the runs
-        if args.times:
-            StepTimes.from_json(args.times)
+        link = resolve_link(args.link, None, None)
+        times = StepTimes.from_json(args.times) if args.times else None
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                     limit=args.limit, graph=args.graph, **mode_options(args))
     if args.modes:
         report = evaluate_modes(engine, args.data, args.modes, **settings)
-        if args.predict:
-            add_predictions(report, _step_times(engine, args, report), link)
-        print(format_modes_table(report))
-        sections = {f"{mode} on {name}": d for mode, section in report["modes"].items()
-                    for name, d in section["datasets"].items()}
     else:
         report = evaluate(engine, args.data, mode=args.mode, method=args.method, answers_cache=args.answers_cache,
                           **settings)
-        if args.predict:
-            add_predictions(report, _step_times(engine, args, report), link)
-        print(format_table(report))
-        sections = report["datasets"]
+    if args.predict:
+        add_predictions(report, times or _measured_step_times(engine, report), link)
+    print(format_modes_table(report) if args.modes else format_table(report))
+    sections = {f"{mode} on {name}" if args.modes else name: d for mode, _, name, d in report_sections(report)}
     if args.out:
         write_text_atomic(args.out, json.dumps(report, indent=1))
         print(f"wrote {args.out}", file=sys.stderr)
