@@ -98,14 +98,12 @@ class ExitAdapter:
         """Both files written under temporary names, then renamed (a reader never sees half an adapter)."""
         from safetensors.torch import save_file
 
-        from .jsonl import write_text_atomic
+        from .jsonl import write_atomic, write_text_atomic
 
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = path / f".{WEIGHTS_FILE}.tmp"
-        save_file({"down": self.down.detach().float().cpu().contiguous(),
-                   "up": self.up.detach().float().cpu().contiguous()}, str(tmp))
-        tmp.replace(path / WEIGHTS_FILE)
+        tensors = {"down": self.down.detach().float().cpu().contiguous(),
+                   "up": self.up.detach().float().cpu().contiguous()}
+        write_atomic(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
         write_text_atomic(path / CONFIG_FILE, json.dumps(asdict(self.config), indent=2) + "\n")
         return path
 

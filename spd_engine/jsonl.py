@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import UserError
 
@@ -26,14 +26,21 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
             raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write under a temporary name beside ``path``, then rename: readers see the old file or the new one."""
+def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """``write(temporary path)`` beside ``path``, then rename: readers see the old file or the new one, and a
+    failed write leaves nothing behind. The temporary file is created by ``write`` itself: the usual
+    permissions."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # plain open(): the usual permissions
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text))

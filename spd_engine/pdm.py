@@ -13,8 +13,6 @@ sharing the target's embedding and frozen final norm; its head is the draft-voca
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -25,6 +23,7 @@ from safetensors.torch import save_file
 from . import ops
 from .config import ModelConfig
 from .errors import UserError
+from .jsonl import write_atomic
 from .model import LayerWeights, Model, check_shape
 from .ops.reference import rotate_half_at
 from .weights import read_safetensors
@@ -123,17 +122,11 @@ class PDM:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         sd = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        for name, writer in ((WEIGHTS_FILE, lambda p: save_file(sd, p)),
-                             (CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(asdict(self.config), indent=1)))):
-            for stale in out_dir.glob(f".{name}.*"):  # left by a save that was killed: never read, only space
+        for name, writer in ((WEIGHTS_FILE, lambda p: save_file(sd, str(p))),
+                             (CONFIG_FILE, lambda p: p.write_text(json.dumps(asdict(self.config), indent=1)))):
+            for stale in out_dir.glob(f".{name}.*.tmp"):  # left by a save that was killed: never read, only space
                 stale.unlink(missing_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.")
-            os.close(fd)
-            try:
-                writer(tmp)
-                os.replace(tmp, out_dir / name)
-            finally:
-                Path(tmp).unlink(missing_ok=True)  # gone already after the rename; removes it on failure
+            write_atomic(out_dir / name, writer)
         return out_dir
 
     @classmethod

@@ -366,7 +366,7 @@ def test_bad_inputs_are_user_errors(engine, text_file, tmp_path, case):
 def test_pdm_save_leaves_no_temporary_files(engine, tmp_path, monkeypatch):
     """A save that fails removes its temporary file; one killed earlier left files that the next save removes."""
     pdm = PDM.create(engine.model, partition_layers(engine.model.config.num_layers, 2))
-    (tmp_path / f".{WEIGHTS_FILE}.killed").write_bytes(b"half a file")
+    (tmp_path / f".{WEIGHTS_FILE}.4321.tmp").write_bytes(b"half a file")  # pid 4321 was killed
 
     def fail(*args, **kwargs):
         raise OSError("disk full")
