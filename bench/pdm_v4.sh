@@ -3,6 +3,7 @@
 # in-domain self-distilled data with a feature cache, then training from the cache alone.
 #
 #   bench/pdm_v4.sh data [PROMPTS]      # build (or resume) bench/data/distill_v4: shards, features, manifest
+#   bench/pdm_v4.sh data_v2 [PROMPTS]   # the same for bench/data/distill_mix_v2 (prompt mix v2)
 #   bench/pdm_v4.sh ablate CACHE        # one change at a time at a fixed budget: fill mix x anchor normalisation
 #   bench/pdm_v4.sh train N CACHE STEPS [extra train-pdm flags]   # the full recipe for n = N stages
 #   bench/pdm_v4.sh eval NAME=DIR ...   # teacher-forced table rows (T=0 and T=1) + the real-pipeline check
@@ -19,6 +20,7 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per job: OpenMP spinning on shared cores costs ~10x
 WORK=${WORK:-/tmp/pdm_v4}
 DATA=bench/data/distill_v4
+DATA_V2=bench/data/distill_mix_v2
 CORPORA=${CORPORA:-/work/shared/data/corpora}
 EVAL_SETS="/work/shared/data/eval/mt_bench.jsonl /work/shared/data/eval/gsm8k.jsonl /work/shared/data/eval/humaneval.jsonl"
 mkdir -p "$WORK"
@@ -27,7 +29,14 @@ data() {
   local corpora=()
   for c in austen kjv; do [ -f "$CORPORA/$c.txt" ] && corpora+=(--corpus "$CORPORA/$c.txt"); done
   python -m spd_engine build-data --model default --dtype bfloat16 --out "$DATA" --prompts "${1:-6144}" \
-    --shard-size 128 --batch 64 --answer-tokens 256 "${corpora[@]}"
+    --shard-size 128 --batch 64 --answer-tokens 256 --prompt-mix v1 "${corpora[@]}"
+}
+
+data_v2() {  # the same, with prompt mix v2 (mostly sampled self-instruct requests) in its own directory
+  local corpora=()
+  for c in austen kjv; do [ -f "$CORPORA/$c.txt" ] && corpora+=(--corpus "$CORPORA/$c.txt"); done
+  python -m spd_engine build-data --model default --dtype bfloat16 --out "$DATA_V2" --prompts "${1:-6144}" \
+    --shard-size 128 --batch 64 --answer-tokens 256 --prompt-mix v2 "${corpora[@]}"
 }
 
 run() {  # name n cache steps [flags]: one training run, its report copied to bench/results
@@ -80,9 +89,10 @@ PY
 
 case ${1:-} in
   data) shift; data "$@" ;;
+  data_v2) shift; data_v2 "$@" ;;
   ablate) shift; ablate "$@" ;;
   train) shift; train "$@" ;;
   eval) shift; eval_ "$@" ;;
   ship) shift; ship "$@" ;;
-  *) sed -n '2,18p' "$0"; exit 2 ;;
+  *) sed -n '2,19p' "$0"; exit 2 ;;
 esac

@@ -46,8 +46,9 @@ from .jsonl import write_text_atomic
 from .kv_cache import KVCache
 from .model import AnchorCapture, Model
 from .pdm import target_identity
-from .prompt_gen import Prompt, make_prompt
+from .prompt_gen import PROMPT_MIXES, Prompt, make_prompt
 from .runtime.data_parallel import SINGLE, Replicas
+from .sampling import SamplingParams, next_token
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
@@ -70,11 +71,23 @@ class Finished:
 
 @torch.inference_mode()
 def generate_with_features(model: Model, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int],
-                           batch: int, feature_layers: list[int] | None, progress=None) -> list[Finished]:
+                           batch: int, feature_layers: list[int] | None, progress=None,
+                           temperature: float = 0.0, seeds: list[int] | None = None) -> list[Finished]:
     """Greedy answers to ``prompts`` with continuous batching over ``batch`` cache rows, capturing the hidden
     states at ``feature_layers`` (layer counts) of every fed token. A row whose answer ends (EOS or the limit)
     is reset and prefilled with the next waiting prompt before the next step, so no row idles while work is
-    left; an idle row (nothing left to take) decodes a dummy token at position 0 and is ignored."""
+    left; an idle row (nothing left to take) decodes a dummy token at position 0 and is ignored.
+
+    ``temperature`` > 0 samples instead (self-instruct requests), each prompt from its own generator seeded by
+    ``seeds[i]``: a prompt's draws do not depend on which row or step it lands in."""
+    sampling = SamplingParams(temperature)
+    generators = None if sampling.greedy else \
+        [torch.Generator(device=model.device).manual_seed(seed) for seed in seeds]
+
+    def choose(logits: torch.Tensor, index: int) -> int:  # one row's next token
+        if generators is None:
+            return int(logits.argmax(-1))
+        return int(next_token(logits, sampling, generators[index]))
     L, H = model.config.num_layers, model.config.hidden_size
     capacity = -(-(max(map(len, prompts), default=1) + max_new_tokens) // 64) * 64
     cache = model.new_cache(capacity, batch=batch)
@@ -106,7 +119,7 @@ def generate_with_features(model: Model, prompts: list[list[int]], max_new_token
             if 0 in feature_layers:
                 capture.out[:, feature_layers.index(0)] = embedded[0]
         hidden = model.forward_layers(embedded, 0, L, row, anchors=capture)
-        first = int(model.logits(hidden[:, -1]).argmax(-1))
+        first = choose(model.logits(hidden[:, -1])[0], index)
         answers[index].append(first)
         tokens[b] = first
 
@@ -146,9 +159,13 @@ def generate_with_features(model: Model, prompts: list[list[int]], max_new_token
         if step_features is not None:
             for b, p in positions:
                 buffers[slot_of[b]][p] = step_features[b, 0]
-        next_tokens = model.logits(hidden[:, -1]).argmax(-1)
-        tokens.copy_(next_tokens)
-        for b, token in zip(active, next_tokens[active].tolist()):
+        logits = model.logits(hidden[:, -1])
+        if generators is None:
+            tokens.copy_(logits.argmax(-1))
+        else:
+            for b in active:
+                tokens[b] = choose(logits[b], slot_of[b])
+        for b, token in zip(active, tokens[active].tolist()):
             answers[slot_of[b]].append(token)
             finish_if_done(b)
     return results  # type: ignore[return-value]
@@ -191,11 +208,12 @@ def build_shard(engine, prompts: list[Prompt], answer_tokens: int, batch: int, f
     the stacked features."""
     tokenizer, model = engine.tokenizer, engine.model
     eos = set(engine.eos_ids)
-    asks = [i for i, p in enumerate(prompts) if p.domain == "self_instruct"]
     texts = [p.text for p in prompts]
-    if asks:
+    for temperature in sorted({p.write_temperature for p in prompts if p.domain == "self_instruct"}):
+        asks = [i for i, p in enumerate(prompts) if p.domain == "self_instruct" and p.write_temperature == temperature]
         questions = generate_with_features(model, [_chat_ids(tokenizer, texts[i]) for i in asks],
-                                           SELF_INSTRUCT_TOKENS, eos, batch, None)
+                                           SELF_INSTRUCT_TOKENS, eos, batch, None, temperature=temperature,
+                                           seeds=[prompts[i].write_seed for i in asks])
         for i, question in zip(asks, questions):
             written = tokenizer.decode([t for t in question.answer if t not in eos]).strip()
             texts[i] = written or texts[i]
@@ -227,7 +245,7 @@ def load_manifest(out_dir: Path) -> dict | None:
 
 def build_data(engine, out_dir: str | Path, prompts: int, shard_size: int, seed: int, answer_tokens: int,
                batch: int, feature_layers: list[int] | None, corpora: tuple[str, ...] = (),
-               progress: bool = True, replicas: Replicas = SINGLE) -> dict:
+               progress: bool = True, replicas: Replicas = SINGLE, mix: str = "v2") -> dict:
     """Build (or resume) the data set in ``out_dir``; returns the manifest. ``replicas``: this rank of a
     distributed build, which answers its share of the shards (rank 0 writes the manifest)."""
     out_dir = Path(out_dir)
@@ -240,12 +258,13 @@ def build_data(engine, out_dir: str | Path, prompts: int, shard_size: int, seed:
                 "dtype": str(engine.model.dtype).replace("torch.", ""), "seed": seed, "shard_size": shard_size,
                 "answer_tokens": answer_tokens, "batch": batch, "threads": torch.get_num_threads(),
                 "feature_layers": feature_layers,
-                "corpora": [Path(c).name for c in corpora]}
+                "corpora": [Path(c).name for c in corpora], "prompt_mix": mix}
     manifest = load_manifest(out_dir)
     if manifest is None:
         manifest = {**settings, "shards": []}
     else:
-        for key in ("format", "model", "seed", "shard_size", "answer_tokens", "corpora"):
+        manifest.setdefault("prompt_mix", "v1")  # written before mixes had names
+        for key in ("format", "model", "seed", "shard_size", "answer_tokens", "corpora", "prompt_mix"):
             if manifest.get(key) != settings[key]:
                 raise UserError(f"'{out_dir}' holds a data set built with {key}={manifest.get(key)!r}; this run asks "
                                 f"for {settings[key]!r} (use another --out, or the same settings to resume)")
@@ -269,7 +288,7 @@ def build_data(engine, out_dir: str | Path, prompts: int, shard_size: int, seed:
                disable=not (progress and replicas.writer), file=sys.stderr, smoothing=0.05)
     for round_ in range(-(-len(todo) // replicas.world_size)):
         entry = _build_one(engine, out_dir, mine[round_], done.get(mine[round_]), prompts, shard_size, seed,
-                           answer_tokens, batch, feature_layers, corpora, bar) if round_ < len(mine) else None
+                           answer_tokens, batch, feature_layers, corpora, mix, bar) if round_ < len(mine) else None
         for finished in replicas.gather(entry, "collecting finished shards"):
             if finished is not None:
                 done[finished["index"]] = finished
@@ -282,13 +301,14 @@ def build_data(engine, out_dir: str | Path, prompts: int, shard_size: int, seed:
 
 
 def _build_one(engine, out_dir: Path, index: int, entry: dict | None, prompts: int, shard_size: int, seed: int,
-               answer_tokens: int, batch: int, feature_layers: list[int] | None, corpora: tuple[str, ...],
+               answer_tokens: int, batch: int, feature_layers: list[int] | None, corpora: tuple[str, ...], mix: str,
                bar) -> dict:
     """Answer shard ``index``, write its files atomically and return its manifest entry (``entry``: the one
     already listed, whose committed text the rebuilt features must reproduce)."""
     text_path, feature_path = shard_paths(out_dir, index)
     started = time.perf_counter()
-    chunk = [make_prompt(seed, i, corpora) for i in range(index * shard_size, min(prompts, (index + 1) * shard_size))]
+    chunk = [make_prompt(seed, i, corpora, mix) for i in range(index * shard_size,
+                                                               min(prompts, (index + 1) * shard_size))]
     records, features = build_shard(engine, chunk, answer_tokens, batch, feature_layers, bar)
     bar.update(len(chunk) * answer_tokens - sum(len(r["answer_ids"]) for r in records))
     if entry and text_path.is_file():  # rebuilding features for committed text: it must come out the same
@@ -330,6 +350,9 @@ def add_arguments(p) -> None:
     p.add_argument("--prompts", type=int, default=8192, help="number of prompts (conversations)")
     p.add_argument("--shard-size", type=int, default=256, help="prompts per shard (the unit of resumption)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-mix", choices=sorted(PROMPT_MIXES), default="v2",
+                   help="prompt mixture: v2 (mostly requests the target writes itself, sampled) or v1 (the "
+                        "templated mix of bench/data/distill_v4)")
     p.add_argument("--answer-tokens", type=int, default=256, help="answer length limit")
     p.add_argument("--batch", type=int, default=48, help="cache rows answered together (continuous batching)")
     p.add_argument("--feature-layers", default=DEFAULT_FEATURE_LAYERS,
@@ -364,7 +387,8 @@ def _build_and_print(args, replicas: Replicas) -> int:
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     layers = None if args.no_features else parse_layers(args.feature_layers, engine.model.config.num_layers)
     manifest = build_data(engine, args.out, args.prompts, args.shard_size, args.seed, args.answer_tokens, args.batch,
-                          layers, tuple(args.corpus), progress=replicas.writer, replicas=replicas)
+                          layers, tuple(args.corpus), progress=replicas.writer, replicas=replicas,
+                          mix=args.prompt_mix)
     if not replicas.writer:
         return 0
     summary = {"out": args.out, "shards": len(manifest["shards"]),

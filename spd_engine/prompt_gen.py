@@ -1,13 +1,14 @@
 """Seeded prompts for self-distillation in the domains SPD is evaluated on: chat and writing, maths word problems,
 code (completion, writing, explanation), and passages of local text.
 
-Prompt ``i`` of seed ``s`` depends on (s, i) alone, so any shard of a data set is rebuilt exactly and
-independently. Sources are templates with slot lists written here, Python's own standard library (signatures,
+Prompt ``i`` of seed ``s`` in mixture ``m`` depends on (m, s, i) alone, so any shard of a data set is rebuilt
+exactly and independently. Sources are templates with slot lists written here, Python's own standard library (signatures,
 docstrings and short function sources, read with :mod:`inspect`), and optional plain-text corpora. No
 evaluation set is read or imitated from its data: the templates are generic task shapes.
 
-Self-instruct (``kind == "self_instruct"``) prompts ask the target to *write* a question; the data builder then
-lets the target answer its own question in a second turn (see :mod:`spd_engine.distill_data`).
+Self-instruct (``domain == "self_instruct"``) prompts ask the target to *write* a request (greedily in mix v1,
+sampled with a per-prompt seed in v2); the data builder then lets the target answer it greedily as a new
+conversation (see :mod:`spd_engine.distill_data`).
 """
 from __future__ import annotations
 
@@ -19,9 +20,19 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-# Mixture of domains: the eval is one third chat, one third maths, one third code, so each gets a third of the
-# prompts, with the chat share split between templated asks, self-instruct and corpus passages.
-DOMAIN_WEIGHTS = {"chat": 0.22, "self_instruct": 0.06, "passage": 0.05, "math": 0.33, "code": 0.34}
+# Mixtures of domains, by name. "v1" built bench/data/distill_v4 and must keep rebuilding it exactly: the eval is
+# one third chat, one third maths, one third code, so each gets a third, the chat share split between templated
+# asks, self-instruct and corpus passages. "v2" answers the domain gap measured on v1 data (a PDM's acceptance at
+# fill 1: 0.42 on held-out v1 conversations, 0.24 on the eval sets): templates repeat a few task shapes, so most
+# v2 prompts are requests the target writes itself, *sampled*, across the kinds of requests an assistant gets
+# (writing, roleplay, reasoning, maths, code, extraction, STEM, humanities), plus extraction and reasoning asks.
+PROMPT_MIXES = {
+    "v1": {"chat": 0.22, "self_instruct": 0.06, "passage": 0.05, "math": 0.33, "code": 0.34},
+    "v2": {"chat": 0.12, "self_instruct": 0.45, "passage": 0.08, "math": 0.15, "code": 0.20},
+}
+# Temperature at which a v2 self-instruct request is written: sampled requests vary where greedy ones repeat
+# the template's most likely question; below 1 to keep a 135M writer mostly coherent.
+SELF_INSTRUCT_TEMPERATURE = 0.8
 
 
 @dataclass(frozen=True)
@@ -29,6 +40,10 @@ class Prompt:
     id: str
     domain: str
     text: str
+    # Self-instruct only: the temperature at which the target writes its request (0 = greedy, as in v1) and
+    # the seed of that draw (fixed per prompt, so a shard rebuilds exactly).
+    write_temperature: float = 0.0
+    write_seed: int = 0
 
 
 # ---------------------------------------------------------------------------------------------------- chat
@@ -100,6 +115,50 @@ SELF_INSTRUCT_TEMPLATES = (
     "Write one realistic request a person might make to an assistant about {activity}. Write only the request.",
     "Write one short maths word problem about {item}. Write only the problem.",
     "Write one short programming task in Python about {code_topic}. Write only the task.",
+)
+# v2 adds requests of every kind an assistant is asked for; each is written by the target at
+# SELF_INSTRUCT_TEMPERATURE, then answered greedily.
+SELF_INSTRUCT_V2_TEMPLATES = (
+    "Write one creative writing request (a story, a poem, a letter or a speech) about {topic}. "
+    "Write only the request.",
+    "Write one request in which a user asks an assistant to act as {role}. Write only the request.",
+    "Write one logic puzzle or riddle that needs careful step-by-step reasoning. Write only the puzzle.",
+    "Write one tricky reasoning question about {a} and {b}. Write only the question.",
+    "Write one maths word problem about {name} and {item} that takes several steps to solve. "
+    "Write only the problem.",
+    "Write one maths question about {math_topic}. Write only the question.",
+    "Write one Python programming task about {code_topic} for an intermediate programmer. Write only the task.",
+    "Write one question a beginner might ask about an error they get in Python when using {code_topic}. "
+    "Write only the question.",
+    "Write a short paragraph about {topic} that mentions people, places, dates and numbers, followed by a "
+    "request to extract some of them. Write only the paragraph and the request.",
+    "Write one question about {stem_topic} that a university student might ask. Write only the question.",
+    "Write one essay question about {topic} in history, economics, philosophy or society. "
+    "Write only the question.",
+    "Write one request for advice about {activity}. Write only the request.",
+    "Write one question that compares {a} and {b}. Write only the question.",
+    "Write one request to rewrite, shorten or improve a short text about {topic}, and include the text. "
+    "Write only the request.",
+)
+STEM_TOPICS = ("thermodynamics", "cell biology", "electric circuits", "chemical bonds", "Newton's laws",
+               "statistics", "genetics", "optics", "the structure of atoms", "ecosystems", "computer networks",
+               "databases", "probability", "climate models", "organic chemistry", "relativity", "bridges",
+               "batteries", "neurons", "algorithms", "operating systems", "fluid dynamics", "vaccines", "enzymes")
+MATH_TOPICS = ("fractions", "percentages", "linear equations", "prime factorisation", "probability",
+               "geometry of triangles", "areas and volumes", "sequences", "ratios", "quadratic equations",
+               "averages", "unit conversion", "simple interest", "angles", "exponents")
+# v2 chat asks that need reasoning or structure (v1's templates are kept alongside).
+REASONING_TEMPLATES = (
+    "{name} is taller than {other}, and {other} is taller than {third}. Who is the shortest? Explain your reasoning.",
+    "If all {a} are {b}, and some {b} are expensive, must some {a} be expensive? Explain.",
+    "I have {count} tasks today: {activity}, writing a report and calling {person}. In what order should I do "
+    "them, and why?",
+    "What is the next number in the sequence {seq}? Explain the pattern.",
+    "A farmer has {count} fields and plants {item} in half of them. What questions would you ask before "
+    "advising on the rest?",
+    "Classify these as animals, plants or objects: {a}, {b}, a rose, a hammer, an eagle. Give the answer as JSON.",
+    "Give three arguments for and three against {topic}, then a one-sentence conclusion.",
+    "Write a table comparing {a} and {b} on cost, convenience and environmental impact.",
 )
 
 # ---------------------------------------------------------------------------------------------------- maths
@@ -230,6 +289,13 @@ def _code_prompt(rng: random.Random) -> str:
 # ---------------------------------------------------------------------------------------------------- passages
 PASSAGE_ASKS = ("Summarise this passage.", "Continue this passage.", "Explain in plain English what happens here.",
                 "What is the main idea of this passage?", "Write three questions about this passage, with answers.")
+# v2 adds extraction and rewriting asks over the same passages.
+PASSAGE_V2_ASKS = ("Extract every person's name in this passage as a JSON list.",
+                   "List the key points of this passage as bullet points.",
+                   "Rewrite this passage in modern, simple English.",
+                   "What is the tone of this passage? Answer in one word, then explain.",
+                   "Translate the first two sentences of this passage into French.",
+                   "Write a title for this passage and a one-sentence summary.")
 
 
 @lru_cache(maxsize=4)
@@ -245,11 +311,13 @@ def _passages(corpora: tuple[str, ...]) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------------------------------- the mix
-def make_prompt(seed: int, index: int, corpora: tuple[str, ...] = ()) -> Prompt:
-    """Prompt ``index`` of ``seed``: its domain drawn by :data:`DOMAIN_WEIGHTS` (passages fall back to chat
-    when no corpus is given), its text from that domain's generator, all from one RNG seeded by (seed, index)."""
-    rng = random.Random(f"spd-prompts:{seed}:{index}")
-    domain = rng.choices(list(DOMAIN_WEIGHTS), weights=list(DOMAIN_WEIGHTS.values()))[0]
+def make_prompt(seed: int, index: int, corpora: tuple[str, ...] = (), mix: str = "v1") -> Prompt:
+    """Prompt ``index`` of ``seed`` in mixture ``mix`` (:data:`PROMPT_MIXES`): its domain drawn by the mix's
+    weights (passages fall back to chat when no corpus is given), its text from that domain's generator, all from
+    one RNG seeded by (mix, seed, index). v1's draws are never changed, so v1 data sets rebuild exactly."""
+    weights = PROMPT_MIXES[mix]
+    rng = random.Random(f"spd-prompts:{seed}:{index}" if mix == "v1" else f"spd-prompts-{mix}:{seed}:{index}")
+    domain = rng.choices(list(weights), weights=list(weights.values()))[0]
     if domain == "passage" and not _passages(tuple(corpora)):
         domain = "chat"
     slots = {"topic": rng.choice(TOPICS), "audience": rng.choice(AUDIENCES), "format": rng.choice(FORMATS),
@@ -258,6 +326,25 @@ def make_prompt(seed: int, index: int, corpora: tuple[str, ...] = ()) -> Prompt:
              "character": rng.choice(CHARACTERS), "event": rng.choice(EVENTS), "item": rng.choice(ITEMS),
              "code_topic": rng.choice(CODE_TOPICS)}
     slots["a"], slots["b"] = rng.choice(PAIRS)
+    if mix == "v1":
+        return _v1_prompt(rng, f"{seed}-{index}", domain, slots, corpora)
+    slots["name"], slots["other"], slots["third"] = rng.sample(NAMES, 3)
+    slots["stem_topic"], slots["math_topic"] = rng.choice(STEM_TOPICS), rng.choice(MATH_TOPICS)
+    start, step = rng.randint(1, 9), rng.randint(2, 7)
+    slots["seq"] = ", ".join(str(start + step * k * (k + 1) // 2) for k in range(5))
+    prompt_id = f"{mix}-{seed}-{index}"
+    if domain == "self_instruct":
+        return Prompt(prompt_id, domain, rng.choice(SELF_INSTRUCT_TEMPLATES + SELF_INSTRUCT_V2_TEMPLATES).format(
+            **slots), SELF_INSTRUCT_TEMPERATURE, rng.getrandbits(63))
+    if domain == "chat":
+        return Prompt(prompt_id, domain, rng.choice(CHAT_TEMPLATES + REASONING_TEMPLATES).format(**slots))
+    if domain == "passage":
+        return Prompt(prompt_id, domain, rng.choice(PASSAGE_ASKS + PASSAGE_V2_ASKS) + "\n\n" +
+                      rng.choice(_passages(tuple(corpora))))
+    return _v1_prompt(rng, prompt_id, domain, slots, corpora)
+
+
+def _v1_prompt(rng: random.Random, prompt_id: str, domain: str, slots: dict, corpora: tuple[str, ...]) -> Prompt:
     if domain == "chat":
         text = rng.choice(CHAT_TEMPLATES).format(**slots)
     elif domain == "self_instruct":
@@ -268,4 +355,4 @@ def make_prompt(seed: int, index: int, corpora: tuple[str, ...] = ()) -> Prompt:
         text = _math_problem(rng)
     else:
         text = _code_prompt(rng)
-    return Prompt(f"{seed}-{index}", domain, text)
+    return Prompt(prompt_id, domain, text)

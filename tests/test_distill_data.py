@@ -20,7 +20,7 @@ from spd_engine.engine import Engine
 from spd_engine.errors import UserError
 from spd_engine.feature_cache import FeatureCache
 from spd_engine.model import AnchorCapture
-from spd_engine.prompt_gen import DOMAIN_WEIGHTS, make_prompt
+from spd_engine.prompt_gen import PROMPT_MIXES, SELF_INSTRUCT_TEMPERATURE, make_prompt
 from spd_engine.sampling import SamplingParams
 from tiny_models import make_tiny_model
 
@@ -39,13 +39,42 @@ def read_shard(path: Path) -> list[dict]:
         return [json.loads(line) for line in handle]
 
 
-def test_prompts_are_seeded_per_index_and_cover_every_domain():
-    first = [make_prompt(0, i) for i in range(400)]
-    assert first == [make_prompt(0, i) for i in range(400)]  # a shard rebuilds without the ones before it
-    assert [p.text for p in first] != [make_prompt(1, i).text for i in range(400)]
+@pytest.mark.parametrize("mix", sorted(PROMPT_MIXES))
+def test_prompts_are_seeded_per_index_and_cover_every_domain(mix):
+    first = [make_prompt(0, i, mix=mix) for i in range(400)]
+    assert first == [make_prompt(0, i, mix=mix) for i in range(400)]  # a shard rebuilds without the ones before it
+    assert [p.text for p in first] != [make_prompt(1, i, mix=mix).text for i in range(400)]
     domains = {p.domain for p in first}
-    assert domains == set(DOMAIN_WEIGHTS) - {"passage"}  # passages need a corpus
-    assert len({p.text for p in first}) > 350  # templates and slots give varied prompts
+    assert domains == set(PROMPT_MIXES[mix]) - {"passage"}  # passages need a corpus
+    # Templates and slots give varied prompts (a v2 request's text varies with its seed too).
+    assert len({(p.text, p.write_seed) for p in first}) > 350
+    # v1 writes its self-instruct requests greedily; v2 samples each with its own seed.
+    asks = [p for p in first if p.domain == "self_instruct"]
+    expected = 0.0 if mix == "v1" else SELF_INSTRUCT_TEMPERATURE
+    assert {p.write_temperature for p in asks} == {expected}
+    assert len({p.write_seed for p in asks}) == (1 if mix == "v1" else len(asks))
+    assert all(p.write_temperature == 0.0 for p in first if p.domain != "self_instruct")
+
+
+def test_mixes_differ_and_v2_is_mostly_self_instruct():
+    v1, v2 = ([make_prompt(0, i, mix=mix) for i in range(1000)] for mix in ("v1", "v2"))
+    assert sum(a.text == b.text for a, b in zip(v1, v2)) < 50
+    share = sum(p.domain == "self_instruct" for p in v2) / len(v2)
+    assert abs(share - PROMPT_MIXES["v2"]["self_instruct"]) < 0.05
+
+
+COMMITTED_V1 = Path(__file__).resolve().parents[1] / "bench" / "data" / "distill_v4" / "shard-00000.jsonl.gz"
+
+
+def test_v1_prompts_still_rebuild_the_committed_data_set():
+    """bench/data/distill_v4 is rebuilt from make_prompt(seed, i, mix="v1"): every templated prompt of its first
+    shard must come out as committed (self-instruct and passage texts depend on the model and corpora)."""
+    records = read_shard(COMMITTED_V1)
+    templated = [r for r in records if r["domain"] in ("chat", "math", "code")]
+    assert len(templated) > 100
+    for r in templated:
+        seed, index = map(int, r["id"].split("-"))
+        assert make_prompt(seed, index, mix="v1").text == r["prompt"], r["id"]
 
 
 def test_passages_come_from_the_given_corpus(tmp_path):
@@ -62,8 +91,9 @@ def test_no_prompt_is_an_eval_prompt():
     for path in EVAL_DIR.glob("*.jsonl"):
         for line in path.read_text().splitlines():
             eval_turns.add(json.loads(line)["turns"][0].strip())
-    generated = {make_prompt(0, i).text.strip() for i in range(3000)}
-    assert not generated & eval_turns
+    for mix in PROMPT_MIXES:
+        generated = {make_prompt(0, i, mix=mix).text.strip() for i in range(3000)}
+        assert not generated & eval_turns
 
 
 def test_continuous_batching_answers_and_features_equal_one_at_a_time(engine):
@@ -82,6 +112,42 @@ def test_continuous_batching_answers_and_features_equal_one_at_a_time(engine):
         with torch.inference_mode():
             model.forward_layers(embedded, 0, 4, cache, anchors=AnchorCapture(tuple(LAYERS), expected))
         torch.testing.assert_close(result.features, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_sampled_answers_follow_their_own_seed_whatever_the_batching(engine):
+    """A self-instruct request is sampled from its prompt's own generator: the same seed gives the same text in
+    any row, batch size or order, another seed another text, and temperature 0 stays greedy."""
+    model = engine.model
+    prompts = [list(range(3, 3 + n)) for n in (5, 9, 2, 14, 7)]
+    seeds = [11, 12, 13, 14, 15]
+    sample = lambda batch, order: generate_with_features(  # noqa: E731
+        model, [prompts[i] for i in order], 10, set(), batch, None, temperature=1.0, seeds=[seeds[i] for i in order])
+    together = [f.answer for f in sample(5, range(5))]
+    assert [f.answer for f in sample(2, range(5))] == together
+    reversed_ = [f.answer for f in sample(3, [4, 3, 2, 1, 0])]
+    assert reversed_[::-1] == together
+    greedy = [f.answer for f in generate_with_features(model, prompts, 10, set(), 2, None)]
+    assert together != greedy
+    reseeded = generate_with_features(model, prompts, 10, set(), 5, None, temperature=1.0, seeds=[s + 100 for s in seeds])
+    assert [f.answer for f in reseeded] != together
+    cold = generate_with_features(model, prompts, 10, set(), 5, None, temperature=0.0, seeds=seeds)
+    assert [f.answer for f in cold] == greedy
+
+
+def test_a_data_set_keeps_its_prompt_mix(engine, tmp_path):
+    manifest = build(engine, tmp_path, prompts=4)
+    assert manifest["prompt_mix"] == "v2"
+    with pytest.raises(UserError, match="prompt_mix"):
+        build(engine, tmp_path, prompts=8, mix="v1")
+    # A manifest written before mixes had names is a v1 data set.
+    old = tmp_path / "old"
+    build(engine, old, prompts=4, mix="v1")
+    manifest = json.loads((old / MANIFEST_FILE).read_text())
+    del manifest["prompt_mix"]
+    (old / MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert build(engine, old, prompts=8, mix="v1")["prompt_mix"] == "v1"
+    with pytest.raises(UserError, match="prompt_mix"):
+        build(engine, old, prompts=8)
 
 
 def test_build_writes_conversations_features_and_manifest(engine, tmp_path):
