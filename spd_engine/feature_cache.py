@@ -28,7 +28,7 @@ from .errors import UserError
 
 @dataclass
 class Sequence:
-    shard: int
+    shard: int  # the shard's key in FeatureCache.features
     row_start: int  # first feature row of this sequence in its shard
     tokens: list[int]  # prompt + answer
     answer_start: int  # index of the first answer token in ``tokens``
@@ -47,8 +47,31 @@ class FeatureBatch:
 
 
 class FeatureCache:
-    def __init__(self, root: str | Path, config: ModelConfig, anchors: list[int]):
-        root = Path(root)
+    """One or several build-data directories read as one set of conversations (in the order given), e.g. two
+    prompt mixes trained on together. Every directory must be for this model and cache the same layers."""
+
+    def __init__(self, roots: str | Path | list[str | Path], config: ModelConfig, anchors: list[int]):
+        roots = [Path(r) for r in ([roots] if isinstance(roots, (str, Path)) else roots)]
+        if not roots:
+            raise UserError("no feature cache given: name at least one build-data directory")
+        self.layers = None
+        self.hidden = config.hidden_size
+        # Keyed by the order a shard was opened in: shard indices repeat across directories.
+        self.features: dict[int, np.ndarray] = {}
+        self.sequences: list[Sequence] = []
+        for root in roots:
+            layers = self._check_manifest(root, config, anchors)
+            if self.layers is not None and layers != self.layers:
+                raise UserError(f"the feature caches cache different layers ({self.layers} in '{roots[0]}', "
+                                f"{layers} in '{root}'); rebuild one with the other's --feature-layers")
+            self.layers = layers
+            for shard in load_manifest(root)["shards"]:
+                self._open_shard(root, shard)
+        self.anchor_columns = [self.layers.index(a) for a in anchors]
+        self.teacher_column = self.layers.index(config.num_layers)
+
+    @staticmethod
+    def _check_manifest(root: Path, config: ModelConfig, anchors: list[int]) -> list[int]:
         manifest = load_manifest(root)
         if manifest is None:
             raise UserError(f"'{root}' has no {MANIFEST_FILE}: build it with `spd-engine build-data --out {root}`")
@@ -65,22 +88,15 @@ class FeatureCache:
         if missing:
             raise UserError(f"the feature cache '{root}' has layers {layers}, not the anchors {missing}; "
                             "choose --anchors among them or rebuild with --feature-layers")
-        self.root, self.layers = root, layers
-        self.anchor_columns = [layers.index(a) for a in anchors]
-        self.teacher_column = layers.index(config.num_layers)
-        self.hidden = config.hidden_size
-        self.features: dict[int, np.ndarray] = {}
-        self.sequences: list[Sequence] = []
-        for shard in manifest["shards"]:
-            self._open_shard(shard)
+        return layers
 
-    def _open_shard(self, shard: dict) -> None:
+    def _open_shard(self, root: Path, shard: dict) -> None:
         if not isinstance(shard, dict) or not {"index", "file"} <= set(shard):
-            raise UserError(f"'{self.root / MANIFEST_FILE}' lists a malformed shard entry; rerun build-data")
+            raise UserError(f"'{root / MANIFEST_FILE}' lists a malformed shard entry; rerun build-data")
         index = shard["index"]
-        text_path, feature_path = self.root / shard["file"], self.root / str(shard.get("features"))
+        text_path, feature_path = root / shard["file"], root / str(shard.get("features"))
         if not shard.get("features") or not feature_path.is_file():
-            raise UserError(f"shard {index} of '{self.root}' has no features file; rerun the build-data command")
+            raise UserError(f"shard {index} of '{root}' has no features file; rerun the build-data command")
         try:
             with gzip.open(text_path, "rt") as handle:
                 records = [json.loads(line) for line in handle]
@@ -98,11 +114,12 @@ class FeatureCache:
         if features.dtype != np.uint16 or features.shape != (rows, len(self.layers), self.hidden):
             raise UserError(f"features '{feature_path}' have shape {features.shape} {features.dtype}, expected "
                             f"({rows}, {len(self.layers)}, {self.hidden}) uint16; rebuild the shard")
-        self.features[index] = features
+        key = len(self.features)
+        self.features[key] = features
         start = 0
         for ids, answer_start in zip(tokens, answer_starts):
             if len(ids) >= 2:
-                self.sequences.append(Sequence(index, start, ids, answer_start))
+                self.sequences.append(Sequence(key, start, ids, answer_start))
             start += len(ids) - 1
 
     def __len__(self) -> int:

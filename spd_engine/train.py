@@ -99,7 +99,7 @@ class TrainOptions:
     resume: bool = False
     seed: int = 0
     target_cache_gb: float = 4.0  # keep the target's outputs when a set fits (a pure speed-up)
-    cache: str | None = None  # a build-data feature cache: train the PDM alone, no target forward per step
+    cache: list[str] | None = None  # build-data feature caches: train the PDM alone, no target forward per step
     fill_mix: str = "half"  # "half": the reference's 50/50; "regime": fills weighted by their share of drafts
     expected_acceptance: float = 0.6  # p of the "regime" mixture
     normalize_anchors: bool = False  # train on RMS-standardised anchors, folded into the weights at save time
@@ -109,7 +109,8 @@ class TrainOptions:
 
     def check(self) -> None:
         if bool(self.data) == bool(self.cache):
-            raise UserError("give either --data files or --cache DIR (a build-data feature cache), not both")
+            raise UserError("give either --data files or --cache DIR [DIR ...] (build-data feature caches), "
+                            "not both")
         if self.fill_mix not in FILL_MIXES:
             raise UserError(f"--fill-mix must be one of {', '.join(FILL_MIXES)}, got '{self.fill_mix}'")
         if not 0 <= self.expected_acceptance < 1:
@@ -1119,7 +1120,7 @@ def _train_from_cache(engine, options: TrainOptions, bounds, checkpoint: Path | 
         pdm.save(out_dir)
     report = {
         "model": engine.model_spec, "device": str(target.device), "dtype": str(target.dtype).replace("torch.", ""),
-        "out": str(out_dir), "cache": str(options.cache), "stages": pdm.config.stages,
+        "out": str(out_dir), "cache": [str(c) for c in options.cache], "stages": pdm.config.stages,
         "stage_layers": [b - a for a, b in pdm.config.stage_bounds], "anchors": pdm.config.anchors,
         "tower_layers": pdm.config.tower_layers, "draft_vocab": pdm.config.draft_vocab_size,
         **_size_report(pdm, out_dir), "fill_mix": options.fill_mix, "expected_acceptance": options.expected_acceptance,
@@ -1147,8 +1148,9 @@ def add_arguments(p) -> None:
     p.add_argument("--anchors", default="auto", help="'auto' or hidden-state indices, e.g. 0,8,16,24,29")
     p.add_argument("--tower-layers", type=int, default=1, help="decoder layers in the PDM's tower (L_s)")
     p.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary size K (capped at the model's)")
-    p.add_argument("--cache", default=None, metavar="DIR",
-                   help="train from a build-data feature cache (no target forward per step; answer tokens only)")
+    p.add_argument("--cache", nargs="+", default=None, metavar="DIR",
+                   help="train from build-data feature caches, read as one set (no target forward per step; "
+                        "answer tokens only)")
     p.add_argument("--fill-mix", choices=FILL_MIXES, default="half",
                    help="pipeline fills to train: 'half' (full half the time) or 'regime' (each fill's share of "
                         "verified drafts at --expected-acceptance, full pipeline >= 20%%)")

@@ -92,7 +92,7 @@ def assert_weights_close(a, b):
 
 
 def one_rank(engine, cache_dir, out, **overrides):
-    return train_pdm(engine, TrainOptions(data=[], out=str(out), cache=str(cache_dir), **{**TRAIN, **overrides}),
+    return train_pdm(engine, TrainOptions(data=[], out=str(out), cache=[str(cache_dir)], **{**TRAIN, **overrides}),
                      progress=False)
 
 

@@ -233,6 +233,32 @@ def test_cache_batches_hold_the_stored_rows(engine, tmp_path):
     assert cropped.next_tokens[0].tolist() == tokens[-5:]
 
 
+def test_several_caches_read_as_one_in_order(engine, tmp_path):
+    """Two data sets (here two prompt mixes) are one cache: every conversation of each, in the order given, each
+    reading its own directory's rows (shard indices repeat across directories)."""
+    first, second = tmp_path / "v1", tmp_path / "v2"
+    build(engine, first, prompts=6, mix="v1")
+    build(engine, second, prompts=5)
+    alone = [FeatureCache(d, engine.model.config, [0, 2, 4]) for d in (first, second)]
+    both = FeatureCache([first, second], engine.model.config, [0, 2, 4])
+    assert len(both) == len(alone[0]) + len(alone[1])
+    assert [s.tokens for s in both.sequences] == [s.tokens for c in alone for s in c.sequences]
+    picked = [0, len(alone[0]), len(both) - 1]  # first of each directory, and the very last
+    batch = both.batch(picked, max_rows=1000)
+    for b, (cache, i) in enumerate([(alone[0], 0), (alone[1], 0), (alone[1], len(alone[1]) - 1)]):
+        expected = cache.batch([i], max_rows=1000)
+        rows = expected.anchors.shape[1]
+        torch.testing.assert_close(batch.anchors[b, :rows], expected.anchors[0])
+        assert batch.next_tokens[b, :rows].tolist() == expected.next_tokens[0].tolist()
+    (tmp_path / "other").mkdir()
+    build_data(engine, tmp_path / "other", prompts=4, shard_size=4, seed=0, answer_tokens=12, batch=3,
+               feature_layers=[0, 1, 2, 4], progress=False)
+    with pytest.raises(UserError, match="different layers"):
+        FeatureCache([first, tmp_path / "other"], engine.model.config, [0, 2, 4])
+    with pytest.raises(UserError, match="no feature cache"):
+        FeatureCache([], engine.model.config, [0, 2, 4])
+
+
 @pytest.mark.parametrize("damage, message", [
     ("truncate", "truncated or corrupt"),
     ("shape", "have shape"),

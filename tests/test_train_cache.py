@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def options(out, cache_dir, **overrides) -> TrainOptions:
-    values = dict(out=str(out), data=[], cache=str(cache_dir), stages=2, steps=6, batch_size=4, lr=3e-3,
+    values = dict(out=str(out), data=[], cache=[str(cache_dir)], stages=2, steps=6, batch_size=4, lr=3e-3,
                   draft_vocab=128, val_fraction=0.2, checkpoint_every=3, fill_mix="regime",
                   normalize_anchors=True, max_rows=96)
     values.update(overrides)
@@ -130,3 +130,18 @@ def test_bad_cache_options_are_one_line_errors(engine, cache_dir, tmp_path):
     with pytest.raises(UserError, match="--fill-mix"):
         train_pdm(engine, options(tmp_path, cache_dir, fill_mix="mostly"), progress=False)
     FeatureCache(cache_dir, engine.model.config, [0, 4])  # the fixture's cache itself is fine
+
+
+def test_train_pdm_reads_several_caches_as_one_set(engine, tiny_dir, cache_dir, tmp_path):
+    """`train-pdm --cache A B` trains on both directories' conversations (here the same one twice)."""
+    import json
+
+    from spd_engine.cli import main
+
+    out = tmp_path / "both"
+    assert main(["train-pdm", "--model", str(tiny_dir), "--stages", "2", "--cache", str(cache_dir), str(cache_dir),
+                 "--steps", "2", "--batch-size", "4", "--draft-vocab", "128", "--out", str(out), "--json"]) == 0
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["cache"] == [str(cache_dir)] * 2
+    conversations = len(FeatureCache(cache_dir, engine.model.config, [0, 4]))
+    assert report["train_conversations"] + report["val_conversations"] == 2 * conversations
