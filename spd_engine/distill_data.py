@@ -43,7 +43,6 @@ from tqdm import tqdm
 
 from .errors import UserError
 from .jsonl import write_text_atomic
-from .kv_cache import KVCache
 from .model import AnchorCapture, Model
 from .pdm import target_identity
 from .prompt_gen import PROMPT_MIXES, Prompt, make_prompt

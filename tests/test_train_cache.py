@@ -12,7 +12,7 @@ from spd_engine.sampling import SamplingParams
 from spd_engine.decode import generate_vanilla
 from spd_engine.spd import generate_spd
 from spd_engine.stages import partition_layers
-from spd_engine.train import (CacheDistiller, Distiller, TrainOptions, fill_probabilities, folded_agg_weight,
+from spd_engine.train import (CacheDistiller, TrainOptions, fill_probabilities, folded_agg_weight,
                               staircase_mask, train_pdm)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
