@@ -29,8 +29,6 @@ Cost: a batched vanilla generation plus one forward per prompt, instead of n sta
 from __future__ import annotations
 
 import sys
-import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
