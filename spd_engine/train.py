@@ -106,11 +106,14 @@ class TrainOptions:
     max_rows: int = 768  # a cached conversation longer than this trains on its last max_rows rows
     bf16: bool = False  # (--cache) bfloat16 autocast for the PDM's matmuls; float32 master weights
     micro_batch: int | None = None  # (--cache) sequences per forward pass on one rank; None: its whole share
+    init: str | None = None  # (--cache) start from this saved PDM's weights instead of a fresh PDM
 
     def check(self) -> None:
         if bool(self.data) == bool(self.cache):
             raise UserError("give either --data files or --cache DIR [DIR ...] (build-data feature caches), "
                             "not both")
+        if self.init and not self.cache:
+            raise UserError("--init continues a PDM on a feature cache: add --cache DIR (see build-data)")
         if self.fill_mix not in FILL_MIXES:
             raise UserError(f"--fill-mix must be one of {', '.join(FILL_MIXES)}, got '{self.fill_mix}'")
         if not 0 <= self.expected_acceptance < 1:
@@ -954,6 +957,24 @@ def inference_weights(pdm: PDM, anchor_inv_scale: torch.Tensor | None):
         pdm.agg_weight = trained
 
 
+def _initial_pdm(options: TrainOptions, target, bounds, anchors: list[int], inv_scale: torch.Tensor | None) -> PDM:
+    """``--init DIR``: a saved PDM to continue training (e.g. on more data), checked against this run's layout.
+    Its aggregation weights act on raw anchors (any normalisation was folded in when it was saved), so under
+    ``--normalize-anchors`` they are unfolded with this cache's scale: the engine's function is unchanged."""
+    pdm = PDM.load(options.init, target, bounds)
+    for name, have, want in (("anchors", pdm.config.anchors, anchors),
+                             ("--tower-layers", pdm.config.tower_layers, options.tower_layers),
+                             ("--draft-vocab", pdm.config.draft_vocab_size, options.draft_vocab)):
+        if have != want:
+            raise UserError(f"--init '{options.init}' has {name} {have}, this run asks for {want}; "
+                            "train with its settings or start a fresh PDM")
+    weights = pdm.state_dict()
+    if inv_scale is not None:
+        weights["agg_weight"] = folded_agg_weight(weights["agg_weight"].float(), 1.0 / inv_scale.float())
+    _set_trainable(pdm, weights)
+    return pdm
+
+
 def _cache_split(cache, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(seed)).tolist()
     held_out = min(CACHE_VAL_SEQUENCES, max(1, round(val_fraction * len(cache)))) if val_fraction > 0 else 0
@@ -1045,7 +1066,9 @@ def _train_from_cache(engine, options: TrainOptions, bounds, checkpoint: Path | 
         rms = cache.channel_rms()
         inv_scale = (cache.deepest_rms() / rms).to(target.device)
 
-    if state is None:
+    if state is None and options.init:
+        pdm = _initial_pdm(options, target, bounds, anchors, inv_scale)
+    elif state is None:
         vocab = choose_draft_vocab(answer_tokens, torch.empty(0, dtype=torch.long), target.config.vocab_size,
                                    options.draft_vocab)
         pdm = PDM.create(target, bounds, anchors, options.tower_layers, vocab, seed=options.seed)
@@ -1165,6 +1188,9 @@ def add_arguments(p) -> None:
     p.add_argument("--micro-batch", type=int, default=None, metavar="N",
                    help="(--cache) sequences per forward pass on one rank; a larger share of the global "
                         "--batch-size is accumulated over several passes (default: the whole share)")
+    p.add_argument("--init", default=None, metavar="DIR",
+                   help="(--cache) start from this saved PDM (same stages, anchors, tower and draft vocabulary) "
+                        "instead of a fresh one, e.g. to continue training on more data")
     p.add_argument("--distributed", action="store_true",
                    help="(--cache) data-parallel under torchrun: --batch-size is the global batch, each rank "
                         "trains on its share, rank 0 writes --out")
@@ -1203,7 +1229,7 @@ def run(args) -> int:
         val_fraction=args.val_fraction, checkpoint_every=args.checkpoint_every, resume=args.resume, seed=args.seed,
         target_cache_gb=args.target_cache_gb, cache=args.cache, fill_mix=args.fill_mix,
         expected_acceptance=args.expected_acceptance, normalize_anchors=args.normalize_anchors,
-        max_rows=args.max_rows, bf16=args.bf16, micro_batch=args.micro_batch)
+        max_rows=args.max_rows, bf16=args.bf16, micro_batch=args.micro_batch, init=args.init)
     options.check()  # before loading the model: a bad flag fails fast
     if args.distributed:
         from .runtime.data_parallel import run_data_parallel

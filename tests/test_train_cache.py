@@ -145,3 +145,23 @@ def test_train_pdm_reads_several_caches_as_one_set(engine, tiny_dir, cache_dir, 
     assert report["cache"] == [str(cache_dir)] * 2
     conversations = len(FeatureCache(cache_dir, engine.model.config, [0, 4]))
     assert report["train_conversations"] + report["val_conversations"] == 2 * conversations
+
+
+def test_init_continues_a_saved_pdm_exactly_where_it_stood(engine, cache_dir, tmp_path):
+    """--init starts from a saved PDM: before its first step it drafts as the saved one did (the folded anchor
+    normalisation is unfolded exactly), and training goes on from there."""
+    first = train_pdm(engine, options(tmp_path / "first", cache_dir, steps=20, checkpoint_every=20), progress=False)
+    fresh = train_pdm(engine, options(tmp_path / "fresh", cache_dir, steps=2), progress=False)
+    more = train_pdm(engine, options(tmp_path / "more", cache_dir, steps=2, init=str(tmp_path / "first")),
+                     progress=False)
+    saved, started = first["val"]["acceptance_by_fill"], more["val_initial"]["acceptance_by_fill"]
+    assert set(saved) == set(started)
+    for fill in saved:
+        assert abs(saved[fill] - started[fill]) <= 0.01, fill
+    assert more["val_initial"]["acceptance_full_pipeline"] > fresh["val_initial"]["acceptance_full_pipeline"] + 0.05
+    with pytest.raises(UserError, match="--draft-vocab 128, this run asks for 64"):
+        train_pdm(engine, options(tmp_path / "x", cache_dir, draft_vocab=64, init=str(tmp_path / "first")),
+                  progress=False)
+    with pytest.raises(UserError, match="--init continues a PDM on a feature cache"):
+        train_pdm(engine, options(tmp_path / "y", cache_dir, cache=None, data=["x.txt"], init=str(tmp_path / "first")),
+                  progress=False)
