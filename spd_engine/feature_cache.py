@@ -32,6 +32,7 @@ class Sequence:
     row_start: int  # first feature row of this sequence in its shard
     tokens: list[int]  # prompt + answer
     answer_start: int  # index of the first answer token in ``tokens``
+    domain: str = ""  # the prompt's domain (prompt_gen), for per-domain measurements
 
     @property
     def rows(self) -> int:
@@ -102,6 +103,7 @@ class FeatureCache:
                 records = [json.loads(line) for line in handle]
             tokens = [r["prompt_ids"] + r["answer_ids"] for r in records]
             answer_starts = [len(r["prompt_ids"]) for r in records]
+            domains = [str(r.get("domain", "")) for r in records]
         except (OSError, EOFError, zlib.error, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise UserError(f"shard '{text_path}' is unreadable ({type(exc).__name__}); rebuild it with build-data") \
                 from None
@@ -117,9 +119,9 @@ class FeatureCache:
         key = len(self.features)
         self.features[key] = features
         start = 0
-        for ids, answer_start in zip(tokens, answer_starts):
+        for ids, answer_start, domain in zip(tokens, answer_starts, domains):
             if len(ids) >= 2:
-                self.sequences.append(Sequence(key, start, ids, answer_start))
+                self.sequences.append(Sequence(key, start, ids, answer_start, domain))
             start += len(ids) - 1
 
     def __len__(self) -> int:

@@ -227,6 +227,7 @@ def test_cache_batches_hold_the_stored_rows(engine, tmp_path):
     torch.testing.assert_close(batch.last_hidden[0, :rows], features[:rows, 4].float())
     tokens = first["prompt_ids"] + first["answer_ids"]
     assert batch.next_tokens[0, :rows].tolist() == tokens[1:]
+    assert [s.domain for s in cache.sequences] == [r["domain"] for r in records]
     assert batch.scored[0, :rows].tolist() == [t + 1 >= len(first["prompt_ids"]) for t in range(rows)]
     assert not batch.scored[0, rows:].any()
     cropped = cache.batch([0], max_rows=5)
