@@ -5,7 +5,7 @@
 #   bench/pdm_v4.sh data [PROMPTS]      # build (or resume) bench/data/distill_v4: shards, features, manifest
 #   bench/pdm_v4.sh data_v2 [PROMPTS]   # the same for bench/data/distill_mix_v2 (prompt mix v2)
 #   bench/pdm_v4.sh ablate CACHE        # one change at a time at a fixed budget: fill mix x anchor normalisation
-#   bench/pdm_v4.sh train N CACHE STEPS [extra train-pdm flags]   # the full recipe for n = N stages
+#   bench/pdm_v4.sh train N "CACHE ..." STEPS [extra train-pdm flags]   # the full recipe for n = N stages
 #   bench/pdm_v4.sh eval NAME=DIR ...   # teacher-forced table rows (T=0 and T=1) + the real-pipeline check
 #   bench/pdm_v4.sh ship DIR            # make that PDM the package's default (weights in bf16)
 #
@@ -39,9 +39,11 @@ data_v2() {  # the same, with prompt mix v2 (mostly sampled self-instruct reques
     --shard-size 128 --batch 64 --answer-tokens 256 --prompt-mix v2 "${corpora[@]}"
 }
 
-run() {  # name n cache steps [flags]: one training run, its report copied to bench/results
+run() {  # name n "cache [cache ...]" steps [flags]: one training run, its report copied to bench/results
   local name=$1 n=$2 cache=$3 steps=$4; shift 4
-  python -m spd_engine train-pdm --model default --cache "$cache" --stages "$n" --steps "$steps" --batch-size 8 \
+  # $cache unquoted on purpose: a space-separated list of build-data directories, read as one set.
+  # shellcheck disable=SC2086
+  python -m spd_engine train-pdm --model default --cache $cache --stages "$n" --steps "$steps" --batch-size 8 \
     --lr 1e-3 --val-fraction 0.1 --checkpoint-every 25 --draft-vocab 8192 --bf16 --seed 0 --out "$WORK/$name" \
     "$@" --json > "$WORK/$name.json" 2> "$WORK/$name.log"
   cp "$WORK/$name/train_report.json" "bench/results/pdm_v4_${name}_train.json"
