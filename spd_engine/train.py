@@ -107,11 +107,16 @@ class TrainOptions:
     bf16: bool = False  # (--cache) bfloat16 autocast for the PDM's matmuls; float32 master weights
     micro_batch: int | None = None  # (--cache) sequences per forward pass on one rank; None: its whole share
     init: str | None = None  # (--cache) start from this saved PDM's weights instead of a fresh PDM
+    feature_loss: float = 0.0  # (--cache) weight of EAGLE's feature regression beside the KL; 0 = off
 
     def check(self) -> None:
         if bool(self.data) == bool(self.cache):
             raise UserError("give either --data files or --cache DIR [DIR ...] (build-data feature caches), "
                             "not both")
+        if self.feature_loss and not self.cache:
+            raise UserError("--feature-loss trains on a feature cache: add --cache DIR (see build-data)")
+        if not self.feature_loss >= 0:
+            raise UserError(f"--feature-loss must be >= 0, got {self.feature_loss}")
         if self.init and not self.cache:
             raise UserError("--init continues a PDM on a feature cache: add --cache DIR (see build-data)")
         if self.fill_mix not in FILL_MIXES:
@@ -499,6 +504,7 @@ class Distiller:
         the scale back into the weights the engine runs, so the ``aggregate_features`` op never changes."""
         self.target, self.pdm = target, pdm
         self.anchor_inv_scale = anchor_inv_scale
+        self.feature_weight = 0.0  # weight of feature_loss beside the KL (train-pdm --feature-loss)
         self.depth_types = pdm.depth_types
         self.per_depth = pdm.config.tower_layers > 1
         self.blocks = staircase_blocks(self.depth_types, self.per_depth)
@@ -514,6 +520,26 @@ class Distiller:
         under the staircase mask at ``fill`` (default: full pipeline). ``positions_wanted`` limits the head
         to those positions (B, len(positions_wanted), K). ``first_query`` skips the queries (and head rows) of
         positions before it: rows (B, T - first_query, K) for positions first_query.. (they stay keys)."""
+        return self.head(self.draft_hidden(anchors, fill, positions_wanted, first_query))
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tower output rows -> float32 draft logits (frozen final norm, draft head)."""
+        with self.autocast():
+            return self.pdm.draft_logits(hidden).float()
+
+    def feature_loss(self, hidden: torch.Tensor, target_hidden: torch.Tensor, where: torch.Tensor | None,
+                     denominator: torch.Tensor) -> torch.Tensor:
+        """EAGLE's feature regression: smooth L1 between the tower's output rows and the target's last-layer
+        output at the same positions, both through the frozen final norm (the space the head reads; the raw
+        residual stream has outlier channels ~1000x the rest), summed over ``where`` and divided by
+        ``denominator``. A dense 576-value signal per token beside the KL's one distribution."""
+        norm = self.pdm.tower.final_norm
+        per_row = F.smooth_l1_loss(norm(hidden.float()), norm(target_hidden.float()), reduction="none").mean(-1)
+        return (per_row if where is None else per_row * where).sum() / denominator
+
+    def draft_hidden(self, anchors: torch.Tensor, fill=None, positions_wanted: torch.Tensor | None = None,
+                     first_query: int = 0) -> torch.Tensor:
+        """The tower's output rows (B, T', H) that :meth:`draft_logits` feeds to the head."""
         pdm = self.pdm
         B, T, m, H = anchors.shape
         if self.anchor_inv_scale is not None:
@@ -529,9 +555,7 @@ class Distiller:
                 keep = torch.arange(first_query, len(positions), device=anchors.device)
                 features, positions, mask = features[:, keep], positions[keep], mask[keep][:, keep]
             out = pdm.masked_tower(features, positions, mask, outputs=T - first_query)  # the depth-0 rows
-            if positions_wanted is not None:
-                out = out[:, positions_wanted]
-            return pdm.draft_logits(out).float()
+        return out if positions_wanted is None else out[:, positions_wanted]
 
     def loss_and_matches(self, logits: torch.Tensor, outputs: TargetOutputs, where: torch.Tensor | None = None,
                          denominator: torch.Tensor | None = None):
@@ -610,6 +634,7 @@ def _train_step(distiller: Distiller, optimizer, scheduler, pieces: list[tuple[T
     whatever the split, up to float summation order. ``fill``: an int, None, or one fill per query position of
     the whole batch's padded length (a piece, padded to its own longest, takes the first ones). Positions before
     a piece's first scored one are keys only: their queries are not computed."""
+    regress = distiller.feature_weight > 0
     counts = torch.zeros(2, dtype=torch.long, device=distiller.vocab_row.device)  # in-vocabulary, scored
     for outputs, where in pieces:
         in_vocab = distiller.vocab_row[outputs.argmax] >= 0
@@ -621,8 +646,12 @@ def _train_step(distiller: Distiller, optimizer, scheduler, pieces: list[tuple[T
     for outputs, where in pieces:
         first, outputs, where = from_first_scored(outputs, where)
         piece_fill = fill[: outputs.anchors.shape[1]] if isinstance(fill, torch.Tensor) else fill
-        logits = distiller.draft_logits(outputs.anchors, piece_fill, first_query=first)
-        loss, matches, _ = distiller.loss_and_matches(logits, outputs, where, denominator=counts[0].clamp(min=1))
+        hidden = distiller.draft_hidden(outputs.anchors, piece_fill, first_query=first)
+        loss, matches, _ = distiller.loss_and_matches(distiller.head(hidden), outputs, where,
+                                                      denominator=counts[0].clamp(min=1))
+        if regress:  # the deepest anchor is the last layer's output (checked when the run starts)
+            loss = loss + distiller.feature_weight * distiller.feature_loss(
+                hidden, outputs.anchors[:, first:, -1], where, counts[1].clamp(min=1))
         loss.backward()
         tallies[0] += loss.detach()
         tallies[1] += (matches if where is None else matches & where).sum()
@@ -1078,6 +1107,11 @@ def _train_from_cache(engine, options: TrainOptions, bounds, checkpoint: Path | 
         _set_trainable(pdm, {**read_safetensors(checkpoint / WEIGHTS_FILE), "agg_weight": state["agg_normed"]})
     replicas.broadcast_(pdm.trainable(), "receiving the starting weights")
     distiller = CacheDistiller(target, pdm, inv_scale)
+    if options.feature_loss:
+        if anchors[-1] != target.config.num_layers:
+            raise UserError(f"--feature-loss regresses on the last layer's output: the deepest anchor must be "
+                            f"{target.config.num_layers}, got {anchors[-1]}")
+        distiller.feature_weight = options.feature_loss
     if options.bf16:
         distiller.autocast = lambda: torch.autocast(target.device.type, dtype=torch.bfloat16)
     probabilities = fill_probabilities(pdm.config.stages, options.fill_mix, options.expected_acceptance)
@@ -1147,6 +1181,7 @@ def _train_from_cache(engine, options: TrainOptions, bounds, checkpoint: Path | 
         "stage_layers": [b - a for a, b in pdm.config.stage_bounds], "anchors": pdm.config.anchors,
         "tower_layers": pdm.config.tower_layers, "draft_vocab": pdm.config.draft_vocab_size,
         **_size_report(pdm, out_dir), "fill_mix": options.fill_mix, "expected_acceptance": options.expected_acceptance,
+        "feature_loss": options.feature_loss,
         "fill_probabilities": probabilities.tolist(), "normalize_anchors": options.normalize_anchors,
         "train_conversations": len(train_ids), "val_conversations": len(val_ids),
         "train_answer_tokens": int(answer_tokens.numel()), "steps": step, "batch_size": options.batch_size,
@@ -1188,6 +1223,9 @@ def add_arguments(p) -> None:
     p.add_argument("--micro-batch", type=int, default=None, metavar="N",
                    help="(--cache) sequences per forward pass on one rank; a larger share of the global "
                         "--batch-size is accumulated over several passes (default: the whole share)")
+    p.add_argument("--feature-loss", type=float, default=0.0, metavar="W",
+                   help="(--cache) add W x EAGLE's feature regression (smooth L1 between the tower's output and "
+                        "the target's last-layer output, through the final norm) to the KL; 0 = off")
     p.add_argument("--init", default=None, metavar="DIR",
                    help="(--cache) start from this saved PDM (same stages, anchors, tower and draft vocabulary) "
                         "instead of a fresh one, e.g. to continue training on more data")
@@ -1229,7 +1267,8 @@ def run(args) -> int:
         val_fraction=args.val_fraction, checkpoint_every=args.checkpoint_every, resume=args.resume, seed=args.seed,
         target_cache_gb=args.target_cache_gb, cache=args.cache, fill_mix=args.fill_mix,
         expected_acceptance=args.expected_acceptance, normalize_anchors=args.normalize_anchors,
-        max_rows=args.max_rows, bf16=args.bf16, micro_batch=args.micro_batch, init=args.init)
+        max_rows=args.max_rows, bf16=args.bf16, micro_batch=args.micro_batch, init=args.init,
+        feature_loss=args.feature_loss)
     options.check()  # before loading the model: a bad flag fails fast
     if args.distributed:
         from .runtime.data_parallel import run_data_parallel

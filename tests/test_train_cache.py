@@ -165,3 +165,37 @@ def test_init_continues_a_saved_pdm_exactly_where_it_stood(engine, cache_dir, tm
     with pytest.raises(UserError, match="--init continues a PDM on a feature cache"):
         train_pdm(engine, options(tmp_path / "y", cache_dir, cache=None, data=["x.txt"], init=str(tmp_path / "first")),
                   progress=False)
+
+
+def test_feature_loss_is_the_normed_distance_to_the_last_layer(engine):
+    distiller = _distiller(engine, anchors=(0, 2, 4))
+    target = torch.randn(2, 5, engine.model.config.hidden_size) * 30
+    where = torch.tensor([[True, True, False, True, True], [False, True, True, True, True]])
+    count = torch.tensor(8)
+    assert float(distiller.feature_loss(target.clone(), target, where, count)) == 0.0
+    moved = target.clone()
+    moved[0, 2] += 5.0  # a position that is not scored changes nothing
+    assert float(distiller.feature_loss(moved, target, where, count)) == 0.0
+    moved[0, 3] = -moved[0, 3]
+    norm = lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + engine.model.config.rms_norm_eps)  # noqa: E731
+    weight = distiller.pdm.tower.norm_weight.float()
+    expected = torch.nn.functional.smooth_l1_loss(norm(moved[0, 3]) * weight, norm(target[0, 3]) * weight) / 8
+    torch.testing.assert_close(distiller.feature_loss(moved, target, where, count), expected)
+
+
+def test_training_with_the_feature_loss_learns_and_stays_lossless(engine, cache_dir, tmp_path):
+    report = train_pdm(engine, options(tmp_path, cache_dir, steps=30, checkpoint_every=30, feature_loss=1.0),
+                       progress=False)
+    assert report["feature_loss"] == 1.0
+    assert report["val"]["acceptance_full_pipeline"] > report["val_initial"]["acceptance_full_pipeline"]
+    pdm = PDM.load(tmp_path, engine.model)
+    prompt = engine.tokenizer.encode("hello there", add_bos=False)
+    vanilla = generate_vanilla(engine.model, prompt, 20, SamplingParams(), set())
+    assert generate_spd(engine.model, pdm, prompt, 20, SamplingParams(), set()).token_ids == vanilla.token_ids
+    with pytest.raises(UserError, match="deepest anchor must be 4"):
+        train_pdm(engine, options(tmp_path / "x", cache_dir, anchors=[0, 2], feature_loss=1.0), progress=False)
+    with pytest.raises(UserError, match="--feature-loss trains on a feature cache"):
+        train_pdm(engine, options(tmp_path / "y", cache_dir, cache=None, data=["x.txt"], feature_loss=1.0),
+                  progress=False)
+    with pytest.raises(UserError, match="--feature-loss must be >= 0"):
+        train_pdm(engine, options(tmp_path / "z", cache_dir, feature_loss=-1.0), progress=False)
