@@ -311,7 +311,7 @@ def _passages(corpora: tuple[str, ...]) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------------------------------- the mix
-def make_prompt(seed: int, index: int, corpora: tuple[str, ...] = (), mix: str = "v1") -> Prompt:
+def make_prompt(seed: int, index: int, corpora: tuple[str, ...] = (), mix: str = "v2") -> Prompt:
     """Prompt ``index`` of ``seed`` in mixture ``mix`` (:data:`PROMPT_MIXES`): its domain drawn by the mix's
     weights (passages fall back to chat when no corpus is given), its text from that domain's generator, all from
     one RNG seeded by (mix, seed, index). v1's draws are never changed, so v1 data sets rebuild exactly."""

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from spd_engine.cli import main
 from spd_engine.distill_data import MANIFEST_FILE, build_data
 from spd_engine.pdm import WEIGHTS_FILE
+from spd_engine.prompt_gen import make_prompt
 from spd_engine.train import CHECKPOINT_DIR, TRAINER_STATE_FILE, TrainOptions, latest_checkpoint, train_pdm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -223,7 +224,7 @@ def test_ddp_data_build_equals_one_process(tiny_dir, engine, tmp_path):
     for shard in manifest["shards"]:
         with gzip.open(shared / shard["file"], "rt") as handle:
             ids += [json.loads(line)["id"] for line in handle]
-    assert ids == [f"{DATA['seed']}-{i}" for i in range(DATA["prompts"])]  # every prompt once, in id order
+    assert ids == [make_prompt(DATA["seed"], i).id for i in range(DATA["prompts"])]  # every prompt once, in order
     before = {p.name: p.stat().st_mtime_ns for p in shared.iterdir() if p.name != MANIFEST_FILE}
     torchrun(2, args)
     assert before == {p.name: p.stat().st_mtime_ns for p in shared.iterdir() if p.name != MANIFEST_FILE}
