@@ -19,7 +19,18 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("reports", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--start", action="append", default=[], metavar="REPORT=TOKENS",
+                   help="a run that continued another (train-pdm --init): answer tokens already seen when it "
+                        "started, so its curve continues the other's")
     args = p.parse_args()
+    starts = {}
+    for item in args.start:
+        path, _, tokens = item.rpartition("=")
+        try:
+            starts[Path(path)] = float(tokens) / 1e3
+        except ValueError:
+            print(f"plot_pdm_history: --start wants REPORT=TOKENS, got '{item}'", file=sys.stderr)
+            return 2
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,7 +46,8 @@ def main() -> int:
             return 2
         name = path.stem.removeprefix("pdm_").removesuffix("_train")
         n = str(report["stages"])
-        seen = [0] + [h["answer_tokens_seen"] / 1e3 for h in history]
+        start = starts.get(path, 0.0)
+        seen = [start] + [start + h["answer_tokens_seen"] / 1e3 for h in history]
         for fill, style in (("1", "-"), (n, "--")):
             values = [report["val_initial"]["acceptance_by_fill"][fill]] + \
                 [h["val"]["acceptance_by_fill"][fill] for h in history]

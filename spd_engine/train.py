@@ -1181,7 +1181,7 @@ def _train_from_cache(engine, options: TrainOptions, bounds, checkpoint: Path | 
         "stage_layers": [b - a for a, b in pdm.config.stage_bounds], "anchors": pdm.config.anchors,
         "tower_layers": pdm.config.tower_layers, "draft_vocab": pdm.config.draft_vocab_size,
         **_size_report(pdm, out_dir), "fill_mix": options.fill_mix, "expected_acceptance": options.expected_acceptance,
-        "feature_loss": options.feature_loss,
+        "feature_loss": options.feature_loss, "init": options.init,
         "fill_probabilities": probabilities.tolist(), "normalize_anchors": options.normalize_anchors,
         "train_conversations": len(train_ids), "val_conversations": len(val_ids),
         "train_answer_tokens": int(answer_tokens.numel()), "steps": step, "batch_size": options.batch_size,

@@ -154,6 +154,7 @@ def test_init_continues_a_saved_pdm_exactly_where_it_stood(engine, cache_dir, tm
     fresh = train_pdm(engine, options(tmp_path / "fresh", cache_dir, steps=2), progress=False)
     more = train_pdm(engine, options(tmp_path / "more", cache_dir, steps=2, init=str(tmp_path / "first")),
                      progress=False)
+    assert more["init"] == str(tmp_path / "first") and first["init"] is None
     saved, started = first["val"]["acceptance_by_fill"], more["val_initial"]["acceptance_by_fill"]
     assert set(saved) == set(started)
     for fill in saved:
