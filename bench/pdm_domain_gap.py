@@ -19,13 +19,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
 from spd_engine.engine import Engine
 from spd_engine.errors import UserError
 from spd_engine.feature_cache import FeatureCache
 from spd_engine.pdm import PDM
-from spd_engine.train import CacheDistiller, _cache_split
+from spd_engine.train import CacheDistiller, cache_split
 
 
 def main() -> int:
@@ -50,15 +48,14 @@ def main() -> int:
             if not root:
                 raise UserError(f"--cache wants NAME=DIR, got '{item}'")
             cache = FeatureCache(root, engine.model.config, pdm.config.anchors)
-            indices = list(range(len(cache))) if args.all else _cache_split(cache, args.val_fraction, args.seed)[1]
+            indices = list(range(len(cache))) if args.all else cache_split(cache, args.val_fraction, args.seed)[1]
             by_domain = defaultdict(list)
             for i in indices:
                 by_domain[cache.sequences[i].domain].append(i)
             results[name] = {}
             for domain, picked in sorted(by_domain.items()):
                 picked = picked[: args.limit]
-                with torch.no_grad():
-                    val = distiller.validate_fills(cache, picked, 8, args.max_rows)
+                val = distiller.validate_fills(cache, picked, 8, args.max_rows)  # no_grad inside
                 results[name][domain] = {"conversations": len(picked), **val}
                 fills = " / ".join(f"{v:.3f}" for v in val["acceptance_by_fill"].values())
                 print(f"{name:>10} {domain:>14} n={len(picked):3d}  acceptance by fill {fills}", flush=True)

@@ -61,18 +61,20 @@ class FeatureCache:
         self.features: dict[int, np.ndarray] = {}
         self.sequences: list[Sequence] = []
         for root in roots:
-            layers = self._check_manifest(root, config, anchors)
+            manifest = self._checked_manifest(root, config, anchors)
+            layers = manifest["feature_layers"]
             if self.layers is not None and layers != self.layers:
                 raise UserError(f"the feature caches cache different layers ({self.layers} in '{roots[0]}', "
                                 f"{layers} in '{root}'); rebuild one with the other's --feature-layers")
             self.layers = layers
-            for shard in load_manifest(root)["shards"]:
+            for shard in manifest["shards"]:
                 self._open_shard(root, shard)
         self.anchor_columns = [self.layers.index(a) for a in anchors]
         self.teacher_column = self.layers.index(config.num_layers)
 
     @staticmethod
-    def _check_manifest(root: Path, config: ModelConfig, anchors: list[int]) -> list[int]:
+    def _checked_manifest(root: Path, config: ModelConfig, anchors: list[int]) -> dict:
+        """``root``'s manifest, read once, after checking it is for this model and caches ``anchors``."""
         manifest = load_manifest(root)
         if manifest is None:
             raise UserError(f"'{root}' has no {MANIFEST_FILE}: build it with `spd-engine build-data --out {root}`")
@@ -89,7 +91,7 @@ class FeatureCache:
         if missing:
             raise UserError(f"the feature cache '{root}' has layers {layers}, not the anchors {missing}; "
                             "choose --anchors among them or rebuild with --feature-layers")
-        return layers
+        return manifest
 
     def _open_shard(self, root: Path, shard: dict) -> None:
         if not isinstance(shard, dict) or not {"index", "file"} <= set(shard):

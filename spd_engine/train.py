@@ -1004,7 +1004,7 @@ def _initial_pdm(options: TrainOptions, target, bounds, anchors: list[int], inv_
     return pdm
 
 
-def _cache_split(cache, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def cache_split(cache, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(seed)).tolist()
     held_out = min(CACHE_VAL_SEQUENCES, max(1, round(val_fraction * len(cache)))) if val_fraction > 0 else 0
     if len(order) - held_out < 1:
@@ -1078,7 +1078,7 @@ def _train_from_cache(engine, options: TrainOptions, bounds, checkpoint: Path | 
     if anchors == "auto":
         anchors = sorted({0, *(b for _, b in bounds)})  # every stage boundary, the last layer's output included
     cache = FeatureCache(options.cache, target.config, anchors)
-    train_ids, val_ids = _cache_split(cache, options.val_fraction, options.seed)
+    train_ids, val_ids = cache_split(cache, options.val_fraction, options.seed)
     answer_tokens = torch.tensor([t for i in train_ids for t in cache.sequences[i].tokens[
         cache.sequences[i].answer_start:]])
     fingerprint = hashlib.sha1(json.dumps([s.tokens for s in cache.sequences]).encode()).hexdigest()
