@@ -80,8 +80,9 @@ class BuildCudaExtension(build_ext):
 
 def packages() -> list[str]:
     """spd_engine and its subpackages, plus the top-level kernels/ folder as spd_engine.kernels (mapped by
-    package_dir; PyPI's unrelated `kernels` package keeps its name). From a source tree, spd_engine/__init__.py
-    makes the same name resolve to kernels/."""
+    package_dir; PyPI's unrelated `kernels` package keeps its name). The folder has no __init__.py, so from a
+    checkout's root it never shadows that package; spd_engine/__init__.py makes the same name resolve to
+    kernels/ wherever nothing maps it."""
     from setuptools import find_namespace_packages  # what pyproject's packages.find did: data folders too
 
     found = find_namespace_packages(include=["spd_engine", "spd_engine.*"], exclude=["*__pycache__*"])

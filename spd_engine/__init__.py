@@ -4,8 +4,12 @@ __version__ = "0.1.0"
 
 def _map_source_kernels() -> None:
     """The Triton kernels live in the top-level kernels/ folder and install as ``spd_engine.kernels`` (setup.py
-    maps the folder; an editable install's finder maps it too). Running from a source tree, nothing maps it:
-    then register that folder under the same name, so one import path serves every way of running."""
+    maps the folder into the wheel). The folder has no ``__init__.py`` on purpose: from a checkout's root (which
+    ``python -m`` puts first on sys.path) a regular package named ``kernels`` would shadow PyPI's unrelated
+    ``kernels``, which transformers imports; a folder without one never wins over an installed package. So
+    wherever nothing maps the name (a source tree, an editable install), register the folder under it here as a
+    namespace-style package, and one import path serves every way of running."""
+    import importlib.machinery
     import importlib.util
     import sys
     from pathlib import Path
@@ -14,13 +18,12 @@ def _map_source_kernels() -> None:
     if name in sys.modules or importlib.util.find_spec(name) is not None:
         return
     folder = Path(__file__).resolve().parent.parent / "kernels"
-    if not (folder / "__init__.py").is_file():
+    if not folder.is_dir():
         return
-    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
-                                                  submodule_search_locations=[str(folder)])
+    spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    spec.submodule_search_locations = [str(folder)]
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
     globals()["kernels"] = module
 
 

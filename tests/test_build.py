@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -187,3 +188,21 @@ def test_the_kernels_folder_installs_as_spd_engine_kernels():
     split_kv = importlib.import_module("spd_engine.kernels.split_kv")
     assert Path(split_kv.__file__).resolve().parent in (ROOT / "kernels", ROOT / "spd_engine" / "kernels")
     assert split_kv.__name__ == "spd_engine.kernels.split_kv"
+
+
+def test_the_kernels_folder_never_shadows_an_installed_kernels_package(tmp_path):
+    """`python -m ...` from a checkout's root puts the root first on sys.path. Had kernels/ an __init__.py, a
+    top-level `import kernels` would find it before PyPI's `kernels` (which transformers >= 5.25 imports), and
+    every transformers model would fail to build. A stand-in installed package must win, and spd_engine.kernels
+    must still resolve to the folder."""
+    installed = tmp_path / "site" / "kernels"
+    installed.mkdir(parents=True)
+    (installed / "__init__.py").write_text("CUDAProperties = 'the installed package'\n")
+    probe = ("import kernels, spd_engine.kernels.split_kv as split_kv; "
+             "print(kernels.CUDAProperties); print(split_kv.__file__)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert result.returncode == 0, result.stderr
+    found, split_kv_file = result.stdout.splitlines()
+    assert found == "the installed package"
+    assert Path(split_kv_file).resolve().parent in (ROOT / "kernels", ROOT / "spd_engine" / "kernels")
