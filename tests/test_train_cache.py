@@ -1,5 +1,9 @@
 """train-pdm --cache: regime-weighted fills, per-position fills, trimmed queries, normalised anchors folded into
 the saved weights, exact resume, and a PDM that the engine runs losslessly."""
+import importlib.util
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -200,3 +204,27 @@ def test_training_with_the_feature_loss_learns_and_stays_lossless(engine, cache_
                   progress=False)
     with pytest.raises(UserError, match="--feature-loss must be >= 0"):
         train_pdm(engine, options(tmp_path / "z", cache_dir, feature_loss=-1.0), progress=False)
+
+
+def test_the_training_throughput_bench_times_both_paths(tiny_dir, cache_dir, tmp_path):
+    """bench/bench_train_throughput.py drives train._train_step directly, so it runs here on the tiny model
+    (a signature change once broke it unnoticed)."""
+    spec = importlib.util.spec_from_file_location("bench_train_throughput",
+                                                  Path(__file__).resolve().parents[1] / "bench" /
+                                                  "bench_train_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "throughput.json"
+    assert bench.main(["--cache", str(cache_dir), "--model", str(tiny_dir), "--stages", "2", "--rows", "8",
+                       "--repeats", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert (report["batch"], report["rows_per_sequence"], report["rows_per_step"]) == (8, 8, 64)
+    assert 0 < report["scored_tokens_per_step"] <= 64
+    results = report["results"]
+    assert set(results) == {"before_target_per_step", "after_cache_fp32", "after_cache_bf16"}
+    assert results["before_target_per_step"]["speedup_scored_tokens"] == 1.0
+    for record in results.values():
+        assert record["seconds_per_step"] > 0
+        assert record["scored_tokens_per_s"] == pytest.approx(
+            record["seconds_per_step"] ** -1 * (64 if record is results["before_target_per_step"]
+                                                else report["scored_tokens_per_step"]))
