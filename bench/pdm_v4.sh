@@ -8,13 +8,14 @@
 #   bench/pdm_v4.sh train N "CACHE ..." STEPS [extra train-pdm flags]   # the full recipe for n = N stages
 #   bench/pdm_v4.sh eval NAME=DIR ...   # teacher-forced table rows (T=0 and T=1) + the real-pipeline check
 #   bench/pdm_v4.sh ship DIR            # make that PDM the package's default (weights in bf16)
+#   bench/pdm_v4.sh first_shards SRC N DEST   # a view of SRC's first N shards: rerun a recipe on the set it saw
 #
 # Data: `data` is deterministic for a given seed, batch and thread count (continuous batching changes the
 # matmul shapes, and with them the rounding of near-tied greedy choices). The token shards (*.jsonl.gz) and the
 # manifest are in git; the features (*.features.npy, 12.7 KB per token) are not: rerunning `data` with the
-# same arguments rebuilds them and checks every conversation comes out identical. Rate on this 2-core CPU,
-# sharing it with other jobs: about 56 answer tokens/s (one 128-prompt shard in ~7 minutes; 1M answer tokens
-# would take ~5 hours alone).
+# same arguments rebuilds them and checks every conversation comes out identical. Rate on this 2-core CPU, one
+# thread: ~105-125 answer tokens/s beside one other job (a 128-prompt shard in 3-4.5 minutes), ~55 beside two;
+# the two sets' 1M answer tokens take ~2.5 hours.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per job: OpenMP spinning on shared cores costs ~10x
@@ -89,6 +90,25 @@ PY
   ls -l "$dst"
 }
 
+first_shards() {  # SRC N DEST: symlinks to SRC's first N shards and a manifest listing only them. train-pdm
+  # --cache reads every shard a manifest lists, so a recipe that trained on a set before it grew reruns on this.
+  python - "$@" <<'PY'
+import json, os, sys
+src, n, dest = os.path.abspath(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+manifest = json.load(open(f"{src}/manifest.json"))
+if len(manifest["shards"]) < n:
+    sys.exit(f"first_shards: {src} has {len(manifest['shards'])} shards, not {n}")
+os.makedirs(dest, exist_ok=False)
+manifest["shards"] = manifest["shards"][:n]
+manifest["answer_tokens_total"] = sum(s["answer_tokens"] for s in manifest["shards"])
+for shard in manifest["shards"]:
+    for name in (shard["file"], shard["features"]):
+        os.symlink(f"{src}/{name}", f"{dest}/{name}")
+json.dump(manifest, open(f"{dest}/manifest.json", "w"), indent=1)
+print(f"{dest}: {n} shards, {manifest['answer_tokens_total']} answer tokens")
+PY
+}
+
 case ${1:-} in
   data) shift; data "$@" ;;
   data_v2) shift; data_v2 "$@" ;;
@@ -96,5 +116,6 @@ case ${1:-} in
   train) shift; train "$@" ;;
   eval) shift; eval_ "$@" ;;
   ship) shift; ship "$@" ;;
-  *) sed -n '2,19p' "$0"; exit 2 ;;
+  first_shards) shift; first_shards "$@" ;;
+  *) sed -n '2,18p' "$0"; exit 2 ;;
 esac
