@@ -4,11 +4,11 @@ __version__ = "0.1.0"
 
 def _map_source_kernels() -> None:
     """The Triton kernels live in the top-level kernels/ folder and install as ``spd_engine.kernels`` (setup.py
-    maps the folder into the wheel). The folder has no ``__init__.py`` on purpose: from a checkout's root (which
-    ``python -m`` puts first on sys.path) a regular package named ``kernels`` would shadow PyPI's unrelated
-    ``kernels``, which transformers imports; a folder without one never wins over an installed package. So
-    wherever nothing maps the name (a source tree, an editable install), register the folder under it here as a
-    namespace-style package, and one import path serves every way of running."""
+    maps the folder into the wheel; an editable install's finder maps it as a namespace). The folder has no
+    ``__init__.py`` on purpose: from a checkout's root (which ``python -m`` puts first on sys.path) a regular
+    package named ``kernels`` would shadow PyPI's unrelated ``kernels``, which transformers imports; a folder
+    without one never wins over an installed package. Where nothing maps the name (a source tree), register the
+    folder under it here as a namespace-style package, so one import path serves every way of running."""
     import importlib.machinery
     import importlib.util
     import sys
