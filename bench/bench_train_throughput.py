@@ -10,8 +10,8 @@
   the first answer token, fills per position; float32 and ``--bf16`` autocast.
 
 Same PDM shape (n = --stages, default 4; anchors at 0 and the stage ends; L_s=1; draft vocab --draft-vocab,
-default 8192), the same conversations (one batch of 8, cut to
-their first ``--rows`` rows so the old fixed-length layout applies), medians of ``--repeats`` steps.
+default 8192), the same conversations (one batch of 8, cut to their first ``--rows`` rows so the old
+fixed-length layout applies), medians of ``--repeats`` steps.
 Reported: rows/s (every position the step computes) and scored tokens/s (positions that carry loss), per
 thread.
 """
@@ -60,16 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine.load(args.model)
     target = engine.model
     bounds = partition_layers(target.config.num_layers, args.stages, None)
-    anchors = sorted({0, *(b for _, b in bounds)})
+    anchors = train.boundary_anchors(bounds)
     cache = FeatureCache(args.cache, target.config, anchors)
     picked = [i for i, s in enumerate(cache.sequences) if s.rows >= args.rows][:8]
+    if len(picked) < 8:
+        raise SystemExit(f"bench_train_throughput: error: the cache has {len(picked)} conversations of "
+                         f">= {args.rows} tokens; 8 are needed (lower --rows)")
     batch = cache.batch(picked, args.rows)
     # the same conversations' first `rows` tokens, for the old path's fixed-length sequences
     window = [cache.sequences[i].tokens[cache.sequences[i].rows - args.rows: cache.sequences[i].rows] for i in picked]
     ids = torch.tensor(window)
-    if len(picked) < 8:
-        raise SystemExit(f"bench_train_throughput: error: the cache has {len(picked)} conversations of "
-                         f">= {args.rows} tokens; 8 are needed (lower --rows)")
     pdm = PDM.create(target, bounds, anchors, 1, torch.arange(min(args.draft_vocab, target.config.vocab_size)),
                      seed=0)
     train._set_trainable(pdm, pdm.state_dict())

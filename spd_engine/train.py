@@ -1004,6 +1004,12 @@ def _initial_pdm(options: TrainOptions, target, bounds, anchors: list[int], inv_
     return pdm
 
 
+def boundary_anchors(bounds) -> list[int]:
+    """``--anchors auto`` on a feature cache: the embedding and every stage boundary, the last layer's output
+    included."""
+    return sorted({0, *(b for _, b in bounds)})
+
+
 def cache_split(cache, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(seed)).tolist()
     held_out = min(CACHE_VAL_SEQUENCES, max(1, round(val_fraction * len(cache)))) if val_fraction > 0 else 0
@@ -1076,7 +1082,7 @@ def _train_from_cache(engine, options: TrainOptions, bounds, checkpoint: Path | 
     target, out_dir = engine.model, Path(options.out)
     anchors = _parse_anchors(options.anchors)
     if anchors == "auto":
-        anchors = sorted({0, *(b for _, b in bounds)})  # every stage boundary, the last layer's output included
+        anchors = boundary_anchors(bounds)
     cache = FeatureCache(options.cache, target.config, anchors)
     train_ids, val_ids = cache_split(cache, options.val_fraction, options.seed)
     answer_tokens = torch.tensor([t for i in train_ids for t in cache.sequences[i].tokens[

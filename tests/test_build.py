@@ -7,7 +7,6 @@ so a CUDA compile error always fails the suite. Nothing here needs a GPU.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from module_loader import load_module
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTENSION_API = ("AttentionArgs", "AppendKVArgs", "RmsNormArgs", "AggregateArgs", "attention_with_kvcache",
@@ -22,15 +22,8 @@ EXTENSION_API = ("AttentionArgs", "AppendKVArgs", "RmsNormArgs", "AggregateArgs"
                  "run_aggregate_features", "attention_chunk_keys", "attention_rows_per_cta")
 
 
-def _load_from(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _find_nvcc():
-    return _load_from(ROOT / "setup.py", "spd_engine_setup").find_nvcc()
+    return load_module(ROOT / "setup.py", "spd_engine_setup").find_nvcc()
 
 
 def _installed_extension_if_current() -> Path | None:
@@ -65,7 +58,7 @@ def extension():
     if installed is not None:  # one file initialises once per process: import it under its own name
         return importlib.import_module("spd_engine._C")
     # importing needs no GPU: the runtime initialises lazily
-    return _load_from(_compile_extension(nvcc), "_C")
+    return load_module(_compile_extension(nvcc), "_C")
 
 
 def test_cuda_extension_compiles_and_imports(extension):
@@ -182,7 +175,7 @@ def test_an_attention_plan_binds_the_caches_and_rotary_layout(cuda_backend_on):
 def test_the_kernels_folder_installs_as_spd_engine_kernels():
     """setup.py maps the top-level kernels/ folder to spd_engine.kernels (PyPI's `kernels` is another project);
     from a source tree, spd_engine/__init__.py registers the same name, so imports read alike everywhere."""
-    setup_module = _load_from(ROOT / "setup.py", "spd_engine_setup")
+    setup_module = load_module(ROOT / "setup.py", "spd_engine_setup")
     packages = setup_module.packages()
     assert "spd_engine.kernels" in packages and "kernels" not in packages and "spd_engine.ops" in packages
     split_kv = importlib.import_module("spd_engine.kernels.split_kv")

@@ -1,18 +1,15 @@
 """bench/build_distill_data.py: corpus passages -> prompts -> the target's own answers -> JSONL chats."""
-import importlib.util
 import json
 from pathlib import Path
 
+from module_loader import load_module
 from tiny_models import make_tiny_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "build_distill_data.py"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("build_distill_data", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(SCRIPT, "build_distill_data")
 
 
 def test_writes_one_chat_per_prompt_with_the_targets_answer(tmp_path):
